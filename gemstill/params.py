@@ -1,0 +1,103 @@
+"""Parameters as a flat {dotted name: array} dict: the common currency of every checkpoint format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+from gemstill.model import Gemma3, abstract_model
+
+LAYER_PARAMS = (
+    "pre_attn_norm.scale",
+    "attn.q_proj",
+    "attn.k_proj",
+    "attn.v_proj",
+    "attn.o_proj",
+    "attn.q_norm.scale",
+    "attn.k_norm.scale",
+    "post_attn_norm.scale",
+    "pre_ffw_norm.scale",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.down",
+    "post_ffw_norm.scale",
+)
+
+
+def expected_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of a model with this config, with its shape."""
+    d, f, n, k, h = (config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads, config.head_dim)
+    per_layer = {
+        "pre_attn_norm.scale": (d,),
+        "attn.q_proj": (d, n, h),
+        "attn.k_proj": (d, k, h),
+        "attn.v_proj": (d, k, h),
+        "attn.o_proj": (n, h, d),
+        "attn.q_norm.scale": (h,),
+        "attn.k_norm.scale": (h,),
+        "post_attn_norm.scale": (d,),
+        "pre_ffw_norm.scale": (d,),
+        "mlp.gate": (d, f),
+        "mlp.up": (d, f),
+        "mlp.down": (f, d),
+        "post_ffw_norm.scale": (d,),
+    }
+    shapes = {"embedding": (config.vocab_size, d), "final_norm.scale": (d,)}
+    for i in range(config.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def to_flat(model: Gemma3) -> dict[str, jax.Array]:
+    """The model's parameters keyed by dotted path (e.g. "layers.3.attn.q_proj")."""
+    flat = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        flat[".".join(str(p) for p in path)] = value.get_value()
+    return flat
+
+
+def check_flat(config: Gemma3Config, flat: Mapping[str, object], source: str) -> None:
+    """Refuse a parameter set that does not fit the config, naming the first problem."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise GemstillError(
+            f"{source}: {len(missing)} parameters missing (first: {missing[0]}); the checkpoint is incomplete "
+            "or not a Gemma 3 text model"
+        )
+    extra = sorted(set(flat) - set(shapes))
+    if extra:
+        raise GemstillError(f"{source}: unexpected parameter {extra[0]}; the checkpoint does not match its config")
+    for name, shape in shapes.items():
+        got = tuple(np.shape(flat[name]))
+        if got != shape:
+            raise GemstillError(
+                f"{source}: parameter {name} has shape {got}, the config needs {shape}; "
+                "the checkpoint and its config disagree"
+            )
+
+
+def from_flat(config: Gemma3Config, flat: Mapping[str, object], source: str = "checkpoint") -> Gemma3:
+    """Build a model holding these parameters (cast to the config's param dtype), after checking every shape."""
+    check_flat(config, flat, source)
+    model = abstract_model(config)
+    dtype = config.jnp_param_dtype
+    state = nnx.state(model, nnx.Param)
+    for path, variable in nnx.to_flat_state(state):
+        variable.set_value(jnp.asarray(flat[".".join(str(p) for p in path)], dtype=dtype))
+    nnx.update(model, state)
+    return model
+
+
+def count_params(config: Gemma3Config) -> dict[str, int]:
+    """Parameter counts: embedding (tied head included once) and everything else."""
+    shapes = expected_shapes(config)
+    embedding = int(np.prod(shapes["embedding"]))
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    return {"embedding": embedding, "non_embedding": total - embedding, "total": total}

@@ -1,0 +1,1 @@
+"""Pallas kernels with pure-jnp references beside them; installed as `gemstill.kernels`."""

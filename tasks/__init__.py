@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `gemstill` stage functions; installed as `gemstill.tasks`."""
