@@ -112,5 +112,5 @@ def ensure_gemma3_270m() -> Path:
     gguf_path = package.assemble(cache_root() / "gemma3-270m" / package.MODEL_NAME)
     config, flat, reader = load_gguf(gguf_path)
     tokenizer = Tokenizer.from_gguf_metadata(reader.fields, source=str(gguf_path))
-    save_native(target, config, flat, tokenizer.serialized())
+    save_native(target, config, flat, tokenizer.model_proto)
     return target

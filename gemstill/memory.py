@@ -45,7 +45,7 @@ def estimate(config: Gemma3Config) -> MemoryEstimate:
     d, f, n, k, h = config.embed_dim, config.hidden_dim, config.num_heads, config.num_kv_heads, config.head_dim
     mlp = compute * (2 * d + 3 * f)  # residual, normed input, gate, up, their product
     attention = compute * (2 * d + 2 * n * h + 2 * k * h)  # residual, input, q, k, v, output
-    head = compute * d + 4 * config.vocab_size * 2  # float32 logits and their log-softmax
+    head = compute * d + 4 * config.vocab_size  # the float32 logits
     kv_per_layer = 2 * k * h * compute
     num_global = sum(w is None for w in config.layer_windows)
     return MemoryEstimate(

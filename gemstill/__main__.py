@@ -1,0 +1,5 @@
+"""`python -m gemstill` is the `gemstill` command."""
+
+from gemstill.cli import main
+
+main()
