@@ -44,12 +44,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale: float) ->
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
-def attention_mask(query_pos: jax.Array, key_pos: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, S] visibility from positions; key_pos == -1 marks padding or an empty cache slot."""
+def attention_mask(
+    query_pos: jax.Array, key_pos: jax.Array, window: int | None, segments: jax.Array | None = None
+) -> jax.Array:
+    """[B, T, S] visibility from positions; key_pos == -1 marks padding or an empty cache slot.
+
+    With `segments` [B, T] (packed documents, no cache), a query sees only keys of its own segment.
+    """
     delta = query_pos[:, :, None] - key_pos[:, None, :]
     mask = (key_pos[:, None, :] >= 0) & (delta >= 0)
     if window is not None:
         mask &= delta < window
+    if segments is not None:
+        mask &= segments[:, :, None] == segments[:, None, :]
     return mask
 
 
@@ -137,6 +144,7 @@ class Attention(nnx.Module):
         cache: LayerCache | None,
         cache_start: jax.Array | None,
         return_probs: bool,
+        segments: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
         dtype = x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
@@ -160,7 +168,7 @@ class Attention(nnx.Module):
         logits = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32)
         if self.softcap is not None:
             logits = jnp.tanh(logits / self.softcap) * self.softcap
-        mask = attention_mask(positions, key_pos, self.window)
+        mask = attention_mask(positions, key_pos, self.window, segments)
         logits = jnp.where(mask[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), values).reshape(batch, steps, heads, head_dim)
@@ -196,9 +204,9 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.post_ffw_norm = RMSNorm(dim, eps=eps, param_dtype=pd)
 
-    def __call__(self, x, positions, key_positions, cache, cache_start, return_probs):
+    def __call__(self, x, positions, key_positions, cache, cache_start, return_probs, segments=None):
         attn_out, new_cache, probs = self.attn(
-            self.pre_attn_norm(x), positions, key_positions, cache, cache_start, return_probs
+            self.pre_attn_norm(x), positions, key_positions, cache, cache_start, return_probs, segments
         )
         x = x + self.post_attn_norm(attn_out)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
@@ -246,6 +254,7 @@ class Gemma3(nnx.Module):
         positions: jax.Array | None = None,
         *,
         mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: Cache | None = None,
         return_logits: bool = True,
         return_hidden: bool = False,
@@ -254,9 +263,12 @@ class Gemma3(nnx.Module):
         """Run the decoder on tokens [B, T].
 
         mask [B, T] marks real tokens (False: padding); positions default to the count of real tokens before
-        each one, so left-padded prompts start at position 0. With a cache, the T new tokens attend to the
-        cached ones and are written into it.
+        each one, so left-padded prompts start at position 0. segment_ids [B, T] keep packed documents apart
+        (give positions that restart per document). With a cache, the T new tokens attend to the cached ones
+        and are written into it.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for packed training batches, not cached decoding")
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
         if positions is None:
@@ -272,7 +284,7 @@ class Gemma3(nnx.Module):
             layer_cache = None if cache is None else cache.layers[i]
             start = None if cache is None else cache.end_index
             x, new_layer_cache, layer_probs = block(
-                x, positions, key_positions, layer_cache, start, i in attention_prob_layers
+                x, positions, key_positions, layer_cache, start, i in attention_prob_layers, segment_ids
             )
             new_layers.append(new_layer_cache)
             if hidden is not None:

@@ -102,3 +102,17 @@ def test_bad_sampling_params_and_context_overflow(model):
         SamplingParams(top_p=1.5)
     with pytest.raises(GemstillError, match="exceeds the model's context"):
         Sampler(model).generate([[2] * 250], SamplingParams(max_new_tokens=10))
+
+
+def test_packed_segments_equal_separate_documents(model):
+    """Two documents packed in one row (positions restarting, segment ids) give each document's own logits."""
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(0, TINY.vocab_size, size=9), rng.integers(0, TINY.vocab_size, size=14)
+    packed = jnp.asarray([np.concatenate([first, second])])
+    positions = jnp.asarray([np.concatenate([np.arange(9), np.arange(14)])])
+    segments = jnp.asarray([[1] * 9 + [2] * 14])
+    logits = np.asarray(model(packed, positions, segment_ids=segments).logits[0])
+    alone_first = np.asarray(model(jnp.asarray([first])).logits[0])
+    alone_second = np.asarray(model(jnp.asarray([second])).logits[0])
+    np.testing.assert_allclose(logits[:9], alone_first, atol=2e-5)
+    np.testing.assert_allclose(logits[9:], alone_second, atol=2e-5)
