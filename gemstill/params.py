@@ -101,3 +101,22 @@ def count_params(config: Gemma3Config) -> dict[str, int]:
     embedding = int(np.prod(shapes["embedding"]))
     total = sum(int(np.prod(s)) for s in shapes.values())
     return {"embedding": embedding, "non_embedding": total - embedding, "total": total}
+
+
+class ParamBinder:
+    """Rebinds a flat {name: array} dict to the model's structure: the functional form jit/grad/optax want."""
+
+    def __init__(self, model: Gemma3):
+        self.graphdef, self._template = nnx.split(model)
+
+    def __call__(self, flat: Mapping[str, jax.Array]) -> Gemma3:
+        nested: dict = {}
+        for name, value in flat.items():
+            node = nested
+            *parents, leaf = (int(p) if p.isdigit() else p for p in name.split("."))
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        state = jax.tree.map(lambda x: x, self._template)  # fresh containers: the template is never mutated
+        nnx.replace_by_pure_dict(state, nested)
+        return nnx.merge(self.graphdef, state)

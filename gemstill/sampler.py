@@ -121,7 +121,7 @@ class Sampler:
         stops = np.asarray(list(stop_ids), np.int32)
         done = np.zeros(batch, bool)
         outputs: list[list[int]] = [[] for _ in prompts]
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             rng, step_rng = jax.random.split(rng)
             next_tokens = _choose(logits, step_rng, params.temperature, params.top_k, params.top_p)
             chosen = np.asarray(next_tokens)
@@ -130,7 +130,7 @@ class Sampler:
             if on_step is not None:
                 on_step(np.where(done, -1, chosen))
             done |= np.isin(chosen, stops)
-            if done.all():
+            if done.all() or step == params.max_new_tokens - 1:  # the last token needs no decode step after it
                 break
             logits, cache = self._decode(self.state, next_tokens, positions, cache)
             positions = positions + 1

@@ -53,3 +53,8 @@ def gemstill_cache_for_tests() -> None:
     """Point the gemma3-270m alias at a cache shared by test runs, so it is converted once per machine."""
     if not os.environ.get("GEMSTILL_CACHE"):
         os.environ["GEMSTILL_CACHE"] = str(shared_test_cache() / "gemstill-cache")
+
+
+# Prefect in tests: no telemetry (there is no network), quiet logs, and the repo root's helpers importable
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

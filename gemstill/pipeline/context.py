@@ -1,0 +1,33 @@
+"""What a stage function receives: its settings, its inputs' directories, its work directory, a logger."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gemstill.errors import GemstillError
+from gemstill.pipeline.profile import Profile
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """A stage reads `profile`/`settings`, reads upstream artifacts from `inputs`, writes into `workdir`.
+
+    `workdir` may hold partial work of an earlier, killed attempt at the same key: stages resume from it.
+    """
+
+    stage: str
+    profile: Profile
+    settings: Mapping[str, Any]  # exactly what the stage's cache key hashes
+    inputs: Mapping[str, Path]  # upstream task name -> its committed artifact directory (local)
+    workdir: Path
+    log: Callable[[str], None] = print
+
+    def input(self, task: str) -> Path:
+        if task not in self.inputs:
+            raise GemstillError(
+                f"stage {self.stage} needs the output of a '{task}' stage; add it to the stage's needs in the pipeline"
+            )
+        return self.inputs[task]

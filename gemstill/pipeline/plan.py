@@ -1,0 +1,166 @@
+"""A pipeline resolved against a profile: every stage's settings, content key, inputs and state.
+
+A key hashes the stage name, its task, its resolved settings, the code version of what it runs and the keys
+of its inputs, never a run id, so keys are known before anything runs and equal wherever the same work is
+asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import gemstill
+from gemstill.errors import GemstillError
+from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.profile import Profile, load_profile
+from gemstill.pipeline.spec import PipelineSpec, StageSpec, load_pipeline
+from gemstill.pipeline.stages import DERIVED, StageTask, resolve_task
+from gemstill.pipeline.store import ArtifactStore
+
+State = Literal["done", "stale", "missing"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    spec: StageSpec
+    task: StageTask
+    settings: dict[str, Any]
+    code_version: str
+    inputs: dict[str, str]  # upstream stage name -> key
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    profile: Profile
+    profile_path: Path
+    pipeline: PipelineSpec
+    pipeline_path: Path
+    store: ArtifactStore
+    stages: dict[str, PlannedStage]  # in dependency order
+
+    def state(self, name: str) -> State:
+        stage = self.stages[name]
+        if self.store.manifest(name, stage.key) is not None:
+            return "done"
+        return "stale" if self.store.keys(name) else "missing"
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def code_version(modules: tuple[str, ...]) -> str:
+    """sha256 of the source of the modules a stage runs, plus gemstill's version."""
+    digest = hashlib.sha256(gemstill.__version__.encode())
+    for name in modules:
+        module = importlib.import_module(name)
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_key(name: str, task: str, settings: dict[str, Any], code: str, inputs: dict[str, str]) -> str:
+    payload = {"stage": name, "task": task, "settings": settings, "code": code, "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_plan(
+    profile_name: str,
+    pipeline: str | None = None,
+    store: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Plan:
+    profile, profile_path = load_profile(profile_name, overrides)
+    pipeline_path = Path(pipeline) if pipeline else profile.pipeline_path()
+    spec = load_pipeline(pipeline_path)
+    dumped = profile.model_dump(mode="json")
+    for name, derive in DERIVED.items():
+        dumped[name] = derive(profile)
+    planned: dict[str, PlannedStage] = {}
+    for name in spec.order():
+        stage = spec.stages[name]
+        task = resolve_task(stage.task, stage.reads)
+        settings = {path: _lookup(dumped, path) for path in task.reads}
+        code = code_version(task.code)
+        inputs = {need: planned[need].key for need in stage.needs}
+        key = stage_key(name, stage.task, settings, code, inputs)
+        planned[name] = PlannedStage(name, stage, task, settings, code, inputs, key)
+    return Plan(profile, profile_path, spec, pipeline_path, ArtifactStore(store or profile.store), planned)
+
+
+def check_hardware(profile: Profile) -> None:
+    """Refuse to run a profile on a machine that lacks its platform or its mesh's device count."""
+    import jax
+
+    hardware = profile.hardware
+    if jax.default_backend() != hardware.platform:
+        raise GemstillError(
+            f"profile {profile.name} needs a {hardware.platform.upper()} but this machine runs JAX on "
+            f"{jax.default_backend()}; run it where that accelerator is, or set hardware.platform"
+        )
+    if hardware.mesh.devices > jax.device_count():
+        raise GemstillError(
+            f"profile {profile.name}'s mesh needs {hardware.mesh.devices} devices, this machine has "
+            f"{jax.device_count()}; shrink hardware.mesh"
+        )
+
+
+def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str, Any]:
+    """Run one stage whose inputs are done and commit its manifest; the caller decides whether it must run."""
+    check_hardware(plan.profile)
+    stage = plan.stages[name]
+    inputs = {}
+    for need in stage.spec.needs:
+        upstream = plan.stages[need]
+        if plan.store.manifest(need, upstream.key) is None:
+            raise GemstillError(f"stage {name} needs {need}, which is not done; run the pipeline without --only")
+        inputs[plan.pipeline.stages[need].task] = plan.store.fetch(need, upstream.key)
+    workdir = plan.store.prepare(name, stage.key, fresh=fresh)
+    context = StageContext(
+        stage=name, profile=plan.profile, settings=stage.settings, inputs=inputs, workdir=workdir, log=log
+    )
+    started = time.time()
+    metrics = stage.task.fn(context)
+    finished = time.time()
+    record = {
+        "stage": name,
+        "task": stage.spec.task,
+        "key": stage.key,
+        "settings": stage.settings,
+        "code_version": stage.code_version,
+        "inputs": stage.inputs,
+        "metrics": metrics,
+        "started_at": started,
+        "finished_at": finished,
+        "seconds": round(finished - started, 3),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "gemstill_version": gemstill.__version__,
+    }
+    return plan.store.commit(name, stage.key, record)
+
+
+def select_stages(plan: Plan, refresh: list[str], only: str | None) -> tuple[list[str], set[str]]:
+    """(stages to consider, stages forced to recompute) for a run with --refresh / --only."""
+    for name in [*refresh, *([only] if only else [])]:
+        if name not in plan.stages:
+            raise GemstillError(f"no stage named '{name}' in {plan.pipeline_path}; stages: {list(plan.stages)}")
+    forced: set[str] = set()
+    for name in refresh:
+        forced |= plan.pipeline.downstream(name)
+    forced |= {name for name, stage in plan.stages.items() if stage.spec.cache == "never"}
+    return ([only] if only else list(plan.stages)), forced

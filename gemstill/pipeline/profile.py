@@ -1,0 +1,141 @@
+"""Run profiles: the parameters of one concrete run (teacher, data, stage settings, hardware, precision, store)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gemstill.config import Gemma3Config
+from gemstill.data.config import DataConfig, TokenizerTrainingConfig
+from gemstill.errors import GemstillError
+from gemstill.pipeline.yamlio import read_yaml, validate
+from gemstill.pretrain import PretrainConfig
+from gemstill.teacher_cache.config import TeacherCacheConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ScratchTeacher(BaseModel):
+    """A teacher trained here from nothing: its architecture, tokenizer and pretraining."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: dict[str, Any]
+    tokenizer: TokenizerTrainingConfig = TokenizerTrainingConfig()
+    training: PretrainConfig = PretrainConfig()
+
+    @model_validator(mode="after")
+    def _architecture_is_valid(self) -> ScratchTeacher:
+        self.gemma_config()  # raises on unknown keys or bad values
+        return self
+
+    def gemma_config(self) -> Gemma3Config:
+        arch = dict(self.architecture)
+        arch.setdefault("vocab_size", self.tokenizer.vocab_size)
+        try:
+            return Gemma3Config.from_dict(arch)
+        except TypeError as err:
+            raise ValueError(f"architecture: {err}") from None
+        except GemstillError as err:
+            raise ValueError(str(err)) from None
+
+
+class TeacherConfig(BaseModel):
+    """Exactly one of: `model` (a checkpoint spec such as gemma3-270m or gguf:PATH), or `scratch`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    scratch: ScratchTeacher | None = None
+    # the published size of `model` (e.g. gemma3-4b): memory estimates where the checkpoint is not reachable
+    variant: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.model is None) == (self.scratch is None):
+            raise ValueError("give exactly one of teacher.model (a checkpoint spec) or teacher.scratch")
+        from gemstill.config import variant
+        from gemstill.loading import parse_spec
+
+        try:
+            if self.model is not None:
+                parse_spec(self.model)
+            if self.variant is not None:
+                variant(self.variant)
+        except GemstillError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class Mesh(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: int = Field(1, ge=1)
+    fsdp: int = Field(1, ge=1)
+    tensor: int = Field(1, ge=1)
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+
+class Hardware(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    platform: Literal["cpu", "gpu", "tpu"] = "cpu"
+    mesh: Mesh = Mesh()
+    memory_per_device_gib: float | None = Field(None, gt=0)  # checked against the per-stage estimates
+
+
+class Precision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    params: Literal["float32", "bfloat16"] = "float32"
+    compute: Literal["float32", "bfloat16"] = "float32"
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    pipeline: str  # a file name in pipelines/ (without .yaml) or a path
+    store: str = "runs/store"  # local directory (relative to the working directory) or an fsspec URL
+    teacher: TeacherConfig
+    data: DataConfig = DataConfig()
+    teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    hardware: Hardware = Hardware()
+    precision: Precision = Precision()
+
+    def pipeline_path(self) -> Path:
+        candidate = Path(self.pipeline)
+        if candidate.suffix in (".yaml", ".yml"):
+            return candidate
+        return PROJECT_ROOT / "pipelines" / f"{self.pipeline}.yaml"
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    """A shipped profile by name (profiles/NAME.yaml) or a path to a YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    return PROJECT_ROOT / "profiles" / f"{name_or_path}.yaml"
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """Set dotted keys (e.g. {"teacher_cache.k": 32}); values given as strings are parsed as YAML scalars."""
+    data = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise GemstillError(f"{path}: override '{dotted}': '{part}' is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+    return data
+
+
+def load_profile(name_or_path: str, overrides: dict[str, Any] | None = None) -> tuple[Profile, Path]:
+    path = resolve_profile_path(name_or_path)
+    data = apply_overrides(read_yaml(path), overrides or {}, path)
+    return validate(Profile, data, path), path

@@ -1,0 +1,29 @@
+"""PNG plots of results a person would rather look at than read (loss curves)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from gemstill.fsutil import atomic_write_bytes
+
+
+def save_loss_curve(path: Path, history: Sequence[dict[str, float]], title: str, key: str = "loss") -> Path:
+    """Loss against step, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axes.plot([h["step"] for h in history], [h[key] for h in history], linewidth=1.2)
+    axes.set_xlabel("step")
+    axes.set_ylabel(key)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return atomic_write_bytes(Path(path), buffer.getvalue())
