@@ -18,9 +18,11 @@ import argparse
 import ast
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
+import shutil
 import sysconfig
 import tempfile
 import time
@@ -31,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow.parquet as pq
 from flax import nnx
 
 from gemstill.config import Gemma3Config
@@ -80,8 +83,7 @@ def packed_rows(tokenizer: Tokenizer, docs: list[str], rows: int, length: int) -
             out["tokens"][row, span] = take
             out["positions"][row, span] = np.arange(position, position + len(take))
             out["segment_ids"][row, span] = segment
-            out["loss_mask"][row, span] = 1
-            out["loss_mask"][row, at] = position > 0  # the first token of a row's segment has no prediction
+            out["loss_mask"][row, at + 1 : at + len(take)] = 1  # a row's first token of a segment: no context
             ids, position, at, segment = ids[len(take) :], position + len(take), at + len(take), segment + 1
             if at == length:
                 row, at, segment = row + 1, 0, 1
@@ -90,15 +92,17 @@ def packed_rows(tokenizer: Tokenizer, docs: list[str], rows: int, length: int) -
     raise SystemExit(f"not enough text for {rows} rows of {length} tokens")
 
 
-def timed(fn: Callable[[], Any], repeats: int = 1) -> float:
-    """Best wall time of `repeats` calls after one untimed warm-up call."""
-    jax.block_until_ready(fn())
-    best = float("inf")
+def alternating(candidates: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best wall time and last result of each candidate; the timed calls alternate between the candidates, so
+    load from other processes on the machine falls on all of them alike."""
+    seconds = dict.fromkeys(candidates, float("inf"))
+    results: dict[str, Any] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            results[name] = jax.block_until_ready(fn())
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds, results
 
 
 def forward_passes(teacher: LoadedModel, data: dict[str, np.ndarray], batch: int) -> dict[str, Callable[[], Any]]:
@@ -122,13 +126,20 @@ def forward_passes(teacher: LoadedModel, data: dict[str, np.ndarray], batch: int
         for start in range(0, len(data["tokens"]), batch)
     ]
 
-    def run(fn: Callable[..., Any]) -> list[Any]:
-        return [jax.block_until_ready(fn(state, *args)) for args in batches]
+    def run(fn: Callable[..., Any]) -> None:
+        for args in batches:
+            jax.block_until_ready(fn(state, *args))  # nothing kept: full logits are 1 GiB per 1024 tokens
 
     return {
         "bare forward (full logits)": functools.partial(run, full_logits),
         "forward + chunked head (lse only)": functools.partial(run, chunked_lse),
     }
+
+
+def fresh_builds(build: Callable[..., dict[str, Any]], config: TeacherCacheConfig, root: Path) -> Callable[[], Any]:
+    """A whole stage run over the train split per call, each into a new directory (root/0, root/1, ...)."""
+    runs = itertools.count()
+    return lambda: build(config.model_copy(update={"splits": ["train"]}), out_dir=root / str(next(runs)))
 
 
 def train_rate(teacher: LoadedModel, data: dict[str, np.ndarray], rows: int) -> float:
@@ -142,7 +153,22 @@ def train_rate(teacher: LoadedModel, data: dict[str, np.ndarray], rows: int) -> 
 
     step = jax.jit(jax.value_and_grad(loss))
     args = [jnp.asarray(data[name][:rows]) for name in (*BATCH_FIELDS, "loss_mask")]
-    return args[0].size / timed(lambda: step(state, *args))
+    jax.block_until_ready(step(state, *args))  # compile
+    seconds, _ = alternating({"step": lambda: step(state, *args)}, 2)
+    return args[0].size / seconds["step"]
+
+
+def column_bytes(out_dir: Path, tokens: int) -> dict[str, float]:
+    """Compressed bytes per stored token of each shard column (parquet metadata), to see where the bytes go."""
+    sizes: dict[str, float] = {}
+    for path in sorted(out_dir.glob("shards/*/*.parquet")):
+        metadata = pq.read_metadata(path)
+        for group in range(metadata.num_row_groups):
+            for column in range(metadata.num_columns):
+                chunk = metadata.row_group(group).column(column)
+                name = chunk.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + chunk.total_compressed_size / tokens
+    return sizes
 
 
 def reader_rates(out_dir: Path, rows: int, length: int, batch: int) -> tuple[float, float]:
@@ -172,6 +198,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--sampled", action="store_true", help="also time the stage in sampled (Gumbel-top-k) mode")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each (best is reported)")
     parser.add_argument("--train-tokens-per-s", type=float, default=None, help="default: measured (fwd+bwd)")
     args = parser.parse_args()
     # the tests' cache: the 270M is converted once per machine and shared (as benchmarks/bench_inference.py does)
@@ -191,25 +218,29 @@ def main() -> None:
     print(f"teacher: {teacher.spec}; {args.sequences} x {args.seq_len} tokens, batch {args.batch}, k={args.k}")
     print(f"machine: {platform.machine()} x{os.cpu_count()}, jax {jax.__version__} ({jax.devices()[0].platform})")
 
-    seconds = {name: timed(fn) for name, fn in forward_passes(teacher, data, args.batch).items()}
-    results: dict[str, Any] = {}
-    for mode in ("topk", "sampled") if args.sampled else ("topk",):
+    candidates = forward_passes(teacher, data, args.batch)
+    for fn in candidates.values():
+        fn()  # compile
+    modes = ("topk", "sampled") if args.sampled else ("topk",)
+    for mode in modes:
         config = TeacherCacheConfig(k=args.k, mode=mode, batch_size=args.batch, sequences_per_shard=args.batch * 2)
-        quiet = functools.partial(build_teacher_cache, data_dir=data_dir, teacher=teacher, log=lambda _: None)
-        quiet(config.model_copy(update={"splits": ["validation"]}), out_dir=work / f"warmup-{mode}")  # compiles
-        start = time.perf_counter()
-        metrics = quiet(config.model_copy(update={"splits": ["train"]}), out_dir=work / mode)
-        seconds[f"teacher_cache stage ({mode})"] = time.perf_counter() - start
-        results[mode] = metrics
+        build = functools.partial(build_teacher_cache, data_dir=data_dir, teacher=teacher, log=lambda _: None)
+        build(config.model_copy(update={"splits": ["validation"]}), out_dir=work / f"warmup-{mode}")  # compiles
+        candidates[f"teacher_cache stage ({mode})"] = fresh_builds(build, config, work / mode)
+    seconds, results = alternating(candidates, args.repeats)
+    stages = {mode: results[f"teacher_cache stage ({mode})"] for mode in modes}
     train_tok_s = args.train_tokens_per_s or train_rate(teacher, data, min(args.batch, 2))
-    cold, warm = reader_rates(work / "topk", args.sequences, args.seq_len, args.batch)
-    report(args, seconds, results, train_tok_s, cold, warm)
+    cold, warm = reader_rates(work / "topk" / "0", args.sequences, args.seq_len, args.batch)
+    columns = column_bytes(work / "topk" / "0", stages["topk"]["tokens"])
+    report(args, seconds, stages, columns, train_tok_s, cold, warm)
+    shutil.rmtree(work)
 
 
 def report(
     args: argparse.Namespace,
     seconds: dict[str, float],
     results: dict[str, Any],
+    columns: dict[str, float],
     train_tok_s: float,
     cold: float,
     warm: float,
@@ -218,7 +249,7 @@ def report(
     bare = seconds["bare forward (full logits)"]
     floor = seconds["forward + chunked head (lse only)"]
     print()
-    print(f"{'':<36} {'seconds':>8} {'tokens/s':>9} {'vs bare':>8} {'vs chunked':>11}")
+    print(f"{'(tokens: all sequence positions)':<36} {'seconds':>8} {'tokens/s':>9} {'vs bare':>8} {'vs chunked':>11}")
     for name, spent in seconds.items():
         print(f"{name:<36} {spent:>8.2f} {tokens / spent:>9.1f} {spent / bare:>7.3f}x {spent / floor:>10.3f}x")
     print()
@@ -229,6 +260,7 @@ def report(
             f"entropy {metrics['mean_entropy']:.3f}; stored log-prob error max {metrics['value_abs_err_max']:.2e} "
             f"mean {metrics['value_abs_err_mean']:.2e}"
         )
+    print("topk bytes/token by column: " + ", ".join(f"{name} {size:.1f}" for name, size in columns.items()))
     print(
         f"reader (shuffled, batch {args.batch}): {cold:.0f} tokens/s cold (checksums), {warm:.0f} warm; "
         f"training consumes {train_tok_s:.0f} tokens/s: {cold / train_tok_s:.0f}x / {warm / train_tok_s:.0f}x headroom"
@@ -243,6 +275,7 @@ def report(
         "seconds": seconds,
         "stage_over_bare": {m: seconds[f"teacher_cache stage ({m})"] / bare for m in results},
         "bytes_per_token": {m: r["bytes_per_token"] for m, r in results.items()},
+        "topk_column_bytes_per_token": columns,
         "reader_tok_s": {"cold": cold, "warm": warm},
         "train_tok_s": train_tok_s,
     }

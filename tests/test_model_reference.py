@@ -109,13 +109,19 @@ def test_gguf_round_trip_and_transformers_reads_it(tmp_path):
     assert delta < TOL
 
 
-def test_hidden_states_match_transformers(tmp_path):
-    """Per-layer hidden states (what layer distillation consumes) equal transformers' at every layer."""
-    flat = _randomize(to_flat(build_model(TINY)), seed=4)
+def _random_pair(tmp_path, seed: int) -> tuple[dict, torch.nn.Module]:
+    """Random TINY parameters, and transformers' eager model loaded from them (through save_hf)."""
+    flat = _randomize(to_flat(build_model(TINY)), seed=seed)
     save_hf(tmp_path / "out", TINY, flat)
     reference = AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", dtype=torch.float32, attn_implementation="eager"
     ).eval()
+    return flat, reference
+
+
+def test_hidden_states_match_transformers(tmp_path):
+    """Per-layer hidden states (what layer distillation consumes) equal transformers' at every layer."""
+    flat, reference = _random_pair(tmp_path, seed=4)
     tokens = _tokens(TINY)
     with torch.no_grad():
         ref = reference(torch.tensor(tokens), output_hidden_states=True).hidden_states
@@ -128,11 +134,7 @@ def test_hidden_states_match_transformers(tmp_path):
 
 def test_attention_probs_match_transformers(tmp_path):
     """Attention probabilities of a local and the global layer equal transformers' eager attention weights."""
-    flat = _randomize(to_flat(build_model(TINY)), seed=5)
-    save_hf(tmp_path / "out", TINY, flat)
-    reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "out", dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    flat, reference = _random_pair(tmp_path, seed=5)
     tokens = _tokens(TINY)
     with torch.no_grad():
         ref = reference(torch.tensor(tokens), output_attentions=True).attentions

@@ -27,7 +27,7 @@ from gemstill.data.format import read_split, write_split
 from gemstill.errors import GemstillError
 from gemstill.loading import LoadedModel
 from gemstill.model import build_model
-from gemstill.teacher_cache.compute import summarize, summarize_hidden, teacher_summary, token_keys
+from gemstill.teacher_cache.compute import gumbel_noise, summarize, summarize_hidden, teacher_summary, token_keys
 from gemstill.teacher_cache.config import TeacherCacheConfig
 from gemstill.teacher_cache.reader import TeacherCacheReader
 from gemstill.teacher_cache.stats import cache_stats
@@ -155,6 +155,14 @@ def test_sampled_ids_are_distinct_and_follow_the_teacher_distribution() -> None:
     np.testing.assert_allclose(three.logprobs, np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))[three.ids], rtol=1e-5)
 
 
+def test_gumbel_noise_is_standard_gumbel_and_independent_across_tokens() -> None:
+    noise = np.asarray(gumbel_noise(jax.random.split(jax.random.key(0), 4), 1 << 16), np.float64)
+    assert np.abs(noise.mean(axis=1) - np.euler_gamma).max() < 0.02  # mean and variance of Gumbel(0, 1)
+    assert np.abs(noise.var(axis=1) - np.pi**2 / 6).max() < 0.05
+    assert np.abs(np.corrcoef(noise)[np.triu_indices(4, 1)]).max() < 0.02
+    assert np.abs(np.corrcoef(noise[0, :-1], noise[0, 1:])[0, 1]) < 0.02
+
+
 def test_sampled_ids_do_not_depend_on_batching(teacher: LoadedModel, data_dir: Path) -> None:
     data = read_split(data_dir, "train")
     graphdef, state = nnx.split(teacher.model)
@@ -201,7 +209,18 @@ def test_reader_returns_the_computed_values_by_seq_index(
     for name, values in got.items():
         np.testing.assert_array_equal(np.concatenate([b[name] for b in batches]), values, err_msg=name)
     assert [int(b["seq_index"][0]) for b in reader.batches("validation", None, batch_size=4)] == [0, 4, 8]
+    with pytest.raises(GemstillError, match="not every seq_index"):
+        reader.read("validation", [3, 10])
     reader.check_alignment(data_dir)
+
+
+def test_alignment_check_refuses_other_data(
+    reference: tuple[Path, dict], tokenizer_proto: bytes, tmp_path: Path
+) -> None:
+    for split, rows, seed in (("train", 36, 1), ("validation", 10, 5)):  # validation: other sequences
+        write_split(tmp_path, split, **packed_split(Tokenizer(tokenizer_proto), rows, seed))
+    with pytest.raises(GemstillError, match=r"does not match the data .* \(validation: seq_index 0\)"):
+        TeacherCacheReader(reference[0]).check_alignment(tmp_path)
 
 
 def test_stats_match_numpy(reference: tuple[Path, dict]) -> None:
@@ -243,7 +262,8 @@ def test_resume_rewrites_only_damaged_shards(
     logs: list[str] = []
     metrics = build_teacher_cache(CONFIG, data_dir, teacher, out, log=logs.append)
     assert metrics["computed_shards"] == 4
-    assert any("truncated" in line for line in logs) and any("sha256 mismatch" in line for line in logs)
+    for problem in ("truncated", "sha256 mismatch", "not in the catalog"):
+        assert any(problem in line for line in logs), problem
     assert shard_digests(out) == shard_digests(reference[0])
     again = build_teacher_cache(CONFIG, data_dir, teacher, out, log=lambda _: None)
     assert again["computed_shards"] == 0 and again["tokens"] == reference[1]["tokens"]

@@ -33,15 +33,13 @@ def summarize(logits: jax.Array, k: int, temperature: float, keys: jax.Array | N
     Gumbel-top-k (top k of z + Gumbel noise) draws k ids without replacement in proportion to exp(z).
     """
     z = logits.astype(jnp.float32) / temperature
-    peak = jnp.max(z, axis=-1, keepdims=True)
-    shifted = z - peak
-    weights = jnp.exp(shifted)
-    total = jnp.sum(weights, axis=-1)
-    lse = peak[:, 0] + jnp.log(total)
-    entropy = jnp.log(total) - jnp.sum(weights * shifted, axis=-1) / total
-    _, ids = jax.lax.top_k(z if keys is None else z + gumbel_noise(keys, z.shape[-1]), k)
-    ids = jnp.sort(ids, axis=-1)
-    logprobs = jnp.take_along_axis(z, ids, axis=-1) - lse[:, None]
+    lse = jax.nn.logsumexp(z, axis=-1)
+    logp = z - lse[:, None]
+    # -sum p log p after lse, rather than sharing one exp between two sums: XLA then keeps every pass fused
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    scores = logits if keys is None else z + gumbel_noise(keys, z.shape[-1])  # top-k of logits / T: of logits
+    ids = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
+    logprobs = jnp.take_along_axis(logits, ids, axis=-1) / temperature - lse[:, None]  # a gather from logp copies it
     tail_mass = jnp.maximum(1.0 - jnp.sum(jnp.exp(logprobs), axis=-1), 0.0)
     return Summary(ids.astype(jnp.int32), logprobs, lse, entropy, tail_mass)
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from gemstill.data.format import read_split
 from gemstill.errors import GemstillError
 from gemstill.fingerprint import file_sha256
-from gemstill.teacher_cache.writer import CATALOG, VALUE_DTYPES, catalog_rows
+from gemstill.teacher_cache.writer import CATALOG, IDENTITY, VALUE_DTYPES, catalog_rows
 
 _REBUILD = "re-run the teacher_cache stage (it rewrites bad shards)"
 _DONE = object()
@@ -35,14 +35,9 @@ class TeacherCacheReader:
             raise GemstillError(f"{self.out_dir}: no teacher cache catalog; run the teacher_cache stage first")
         rows = catalog_rows(self.out_dir / CATALOG)
         if not rows:
-            raise GemstillError(
-                f"{self.out_dir}: the teacher cache has no committed shards; run the teacher_cache stage"
-            )
+            raise GemstillError(f"{self.out_dir}: the teacher cache has no shards yet; run the teacher_cache stage")
         first = rows[0]
-        self.identity = {
-            name: first[name]
-            for name in ("teacher_fingerprint", "tokenizer_fingerprint", "k", "mode", "temperature", "value_dtype")
-        }
+        self.identity = {name: first[name] for name in IDENTITY}
         self.k: int = first["k"]
         self._value_dtype = VALUE_DTYPES[first["value_dtype"]]
         self._shards: dict[str, list[dict[str, Any]]] = {}
@@ -69,10 +64,11 @@ class TeacherCacheReader:
         wanted = np.asarray(seq_indices, dtype=np.int64)
         shards = self._split(split)
         slots = np.searchsorted(self._starts[split], wanted, side="right") - 1
-        parts = [
-            self._decode(self._read_rows(shards[slot], np.unique(wanted[slots == slot] - shards[slot]["seq_start"])))
-            for slot in np.unique(slots[slots >= 0])
-        ]
+        parts = []
+        for slot in np.unique(slots[slots >= 0]):
+            rows = np.unique(wanted[slots == slot] - shards[slot]["seq_start"])
+            if (rows < shards[slot]["rows"]).any():
+                parts.append(self._decode(self._read_rows(shards[slot], rows[rows < shards[slot]["rows"]])))
         missing = f"{split}: not every seq_index of {wanted.tolist()} is in the teacher cache; {_REBUILD}"
         if not parts:
             raise GemstillError(missing)

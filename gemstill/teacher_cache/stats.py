@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from gemstill.errors import GemstillError
 from gemstill.teacher_cache.writer import CATALOG, SHARDS, connect_catalog
 
@@ -34,7 +36,12 @@ def cache_stats(out_dir: Path) -> list[dict[str, Any]]:
         splits = [row[0] for row in con.execute("SELECT DISTINCT split FROM shards ORDER BY split").fetchall()]
         for split in splits:
             params = {"prefix": f"{out_dir}/", "split": split, "glob": f"{out_dir}/{SHARDS}/{split}/*.parquet"}
-            cursor = con.execute(_QUERY, params)
+            try:
+                cursor = con.execute(_QUERY, params)
+            except (duckdb.IOException, duckdb.InvalidInputException) as err:
+                problem = str(err).splitlines()[0]
+                message = f"{out_dir}: {split} shards unreadable ({problem}); re-run the teacher_cache stage"
+                raise GemstillError(message) from None
             row = dict(zip([d[0] for d in cursor.description], cursor.fetchone(), strict=True))
             row["bytes_per_token"] = row["bytes"] / max(row["tokens"], 1)
             stats.append({"split": split, **row})

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS shards (
     value_err_max DOUBLE, value_err_sum DOUBLE, created_at TIMESTAMP)
 """
 # what a catalog row must share with this run (seed only matters, and is only stored, for sampled ids)
-_IDENTITY = ("teacher_fingerprint", "tokenizer_fingerprint", "k", "mode", "temperature", "value_dtype", "seed")
+IDENTITY = ("teacher_fingerprint", "tokenizer_fingerprint", "k", "mode", "temperature", "value_dtype", "seed")
 
 
 def connect_catalog(path: Path, read_only: bool = False, wait_s: float = 60.0) -> duckdb.DuckDBPyConnection:
@@ -136,7 +136,15 @@ def shard_table(
 def parquet_bytes(table: pa.Table) -> bytes:
     """The shard file: one row group per sequence, so a reader decodes only the sequences it asks for."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=1, compression="zstd", use_dictionary=False, column_encoding=_ENCODING)
+    pq.write_table(
+        table,
+        buffer,
+        row_group_size=1,
+        compression="zstd",
+        compression_level=3,
+        use_dictionary=False,
+        column_encoding=_ENCODING,
+    )
     return buffer.getvalue()
 
 
@@ -175,9 +183,9 @@ class _Catalog:
         with connect_catalog(self.path) as con:
             con.execute(_CATALOG_DDL)
         for row in catalog_rows(self.path):
-            theirs = {name: row[name] for name in _IDENTITY}
+            theirs = {name: row[name] for name in IDENTITY}
             if theirs != identity:
-                changed = [n for n in _IDENTITY if theirs[n] != identity[n]]
+                changed = [n for n in IDENTITY if theirs[n] != identity[n]]
                 diff = ", ".join(f"{n}={theirs[n]!r} (now {identity[n]!r})" for n in changed)
                 raise GemstillError(
                     f"{self.path}: the cache was written with {diff}; give each teacher and cache setting its own "
@@ -254,9 +262,10 @@ def build_teacher_cache(
     """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards."""
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    tokenizer_fingerprint = check_teacher(teacher, data_dir, config.k)
     identity = {
         "teacher_fingerprint": model_fingerprint(teacher.config, to_flat(teacher.model)),
-        "tokenizer_fingerprint": check_teacher(teacher, data_dir, config.k),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
         "k": config.k,
         "mode": config.mode,
         "temperature": config.temperature,
