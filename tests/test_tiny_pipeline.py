@@ -79,7 +79,7 @@ def test_cache_stats(full_run):
     assert result.returncode == 0, result.stderr
     rows = {row["split"]: row for row in json.loads(result.stdout)}
     assert set(rows) == {"train", "validation"}
-    assert all(row["tokens"] > 0 and 0 < row["mean_topk_mass"] <= 1 for row in rows.values())
+    assert all(row["tokens"] > 0 and 0 < row["mean_kept_mass"] <= 1 for row in rows.values())
 
 
 def test_sigkill_mid_teacher_cache_resumes_to_identical_artifacts(full_run, tmp_path):

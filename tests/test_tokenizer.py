@@ -245,7 +245,7 @@ def test_not_a_model_raises(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a model " * 10)
     with pytest.raises(GemstillError, match="not a SentencePiece model"):
         Tokenizer.from_file(junk)
-    with pytest.raises(GemstillError, match="is not a GGUF file"):
+    with pytest.raises(GemstillError, match="not a readable GGUF file"):
         Tokenizer.from_gguf(junk)
 
 
