@@ -27,7 +27,14 @@ from gemstill.data.format import read_split, write_split
 from gemstill.errors import GemstillError
 from gemstill.loading import LoadedModel
 from gemstill.model import build_model
-from gemstill.teacher_cache.compute import gumbel_noise, summarize, summarize_hidden, teacher_summary, token_keys
+from gemstill.teacher_cache.compute import (
+    gumbel_noise,
+    summarize,
+    summarize_hidden,
+    teacher_summary,
+    token_keys,
+    top_k_ids,
+)
 from gemstill.teacher_cache.config import TeacherCacheConfig
 from gemstill.teacher_cache.reader import TeacherCacheReader
 from gemstill.teacher_cache.stats import cache_stats
@@ -127,36 +134,45 @@ def numpy_reference(logits: np.ndarray, k: int, temperature: float) -> dict[str,
     }
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_summarize_matches_numpy(temperature: float) -> None:
-    logits = np.random.default_rng(0).normal(size=(37, 300)).astype(np.float32) * 4
-    got = summarize(jnp.asarray(logits), 8, temperature)
-    want = numpy_reference(logits, 8, temperature)
-    np.testing.assert_array_equal(got.ids, want["ids"])
-    for name in ("logprobs", "lse", "entropy", "tail_mass"):
-        np.testing.assert_allclose(getattr(got, name), want[name], rtol=2e-5, atol=2e-5, err_msg=name)
-    # chunked over tokens (37 is not a multiple of the chunk): the same numbers
-    chunked = summarize_hidden(lambda h: h, jnp.asarray(logits), 8, temperature, chunk=16)
-    for name in got._fields:
-        np.testing.assert_allclose(getattr(chunked, name), getattr(got, name), rtol=1e-6, err_msg=name)
+@pytest.mark.parametrize(("temperature", "k"), [(1.0, 8), (0.5, 8), (2.0, 50)])
+def test_summary_matches_numpy(temperature: float, k: int) -> None:
+    logits = np.random.default_rng(0).normal(size=(37, 3000)).astype(np.float32) * 4  # 47 blocks of 64 ids
+    want = numpy_reference(logits, k, temperature)
+    direct = summarize(jnp.asarray(logits), k, temperature)
+    chunked = summarize_hidden(lambda h: h, jnp.asarray(logits), k, temperature, chunk=16)  # 37 = 2 x 16 + 5
+    for got in (direct, chunked):
+        np.testing.assert_array_equal(got.ids, want["ids"])
+        for name in ("logprobs", "lse", "entropy", "tail_mass"):
+            np.testing.assert_allclose(getattr(got, name), want[name], rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("vocab", [4096, 5000])  # 5000: the last block of ids is partial
+def test_blocked_top_k_is_exact(vocab: int) -> None:
+    scores = np.random.default_rng(vocab).normal(size=(9, vocab)).astype(np.float32)
+    scores[0, :] = 0.0  # a row of ties: the lowest ids win, as with lax.top_k
+    got = np.sort(np.asarray(top_k_ids(jnp.asarray(scores), 16)), axis=-1)
+    np.testing.assert_array_equal(got[1:], np.sort(np.argsort(-scores[1:], axis=-1)[:, :16], axis=-1))
+    np.testing.assert_array_equal(got[0], np.arange(16))
 
 
 def test_sampled_ids_are_distinct_and_follow_the_teacher_distribution() -> None:
     logits = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03], np.float32))
     draws = 4000
     keys = jax.random.split(jax.random.key(1), draws)
-    tiled = jnp.tile(jnp.asarray(logits), (draws, 1))
+    tiled = np.tile(logits, (draws, 1))
     for temperature in (1.0, 2.0):
-        first = np.asarray(summarize(tiled, 1, temperature, keys).ids[:, 0])
+        first = np.asarray(summarize(jnp.asarray(tiled), 1, temperature, keys).ids[:, 0])
         probs = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
         np.testing.assert_allclose(np.bincount(first, minlength=5) / draws, probs, atol=0.03)
-    three = summarize(tiled, 3, 1.0, keys)
+    three = summarize(jnp.asarray(tiled), 3, 1.0, keys)
     assert all(len(set(row)) == 3 for row in np.asarray(three.ids).tolist())
     np.testing.assert_allclose(three.logprobs, np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))[three.ids], rtol=1e-5)
 
 
 def test_gumbel_noise_is_standard_gumbel_and_independent_across_tokens() -> None:
-    noise = np.asarray(gumbel_noise(jax.random.split(jax.random.key(0), 4), 1 << 16), np.float64)
+    noise = np.asarray(
+        gumbel_noise(jax.random.split(jax.random.key(0), 4), jnp.arange(1 << 16, dtype=jnp.uint32)), np.float64
+    )
     assert np.abs(noise.mean(axis=1) - np.euler_gamma).max() < 0.02  # mean and variance of Gumbel(0, 1)
     assert np.abs(noise.var(axis=1) - np.pi**2 / 6).max() < 0.05
     assert np.abs(np.corrcoef(noise)[np.triu_indices(4, 1)]).max() < 0.02
@@ -209,7 +225,7 @@ def test_reader_returns_the_computed_values_by_seq_index(
     for name, values in got.items():
         np.testing.assert_array_equal(np.concatenate([b[name] for b in batches]), values, err_msg=name)
     assert [int(b["seq_index"][0]) for b in reader.batches("validation", None, batch_size=4)] == [0, 4, 8]
-    with pytest.raises(GemstillError, match="not every seq_index"):
+    with pytest.raises(GemstillError, match=r"seq_index 10 \(1 of 2 asked\) is not in the teacher cache"):
         reader.read("validation", [3, 10])
     reader.check_alignment(data_dir)
 

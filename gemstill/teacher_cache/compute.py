@@ -30,30 +30,50 @@ class Summary(NamedTuple):
 def summarize(logits: jax.Array, k: int, temperature: float, keys: jax.Array | None = None) -> Summary:
     """Summarize logits [N, V]: the top-k ids, or with `keys` [N] k distinct ids sampled by Gumbel-top-k.
 
-    Gumbel-top-k (top k of z + Gumbel noise) draws k ids without replacement in proportion to exp(z).
+    Gumbel-top-k (the top k of z + Gumbel noise) draws k ids without replacement in proportion to exp(z).
+    Written so XLA keeps each pass over [N, V] fused: the entropy reuses lse instead of sharing one exp
+    between two sums, and the kept log-probs are gathered from the logits, not from a materialized log p.
     """
-    z = logits.astype(jnp.float32) / temperature
+    z = logits / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     logp = z - lse[:, None]
-    # -sum p log p after lse, rather than sharing one exp between two sums: XLA then keeps every pass fused
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    scores = logits if keys is None else z + gumbel_noise(keys, z.shape[-1])  # top-k of logits / T: of logits
-    ids = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
-    logprobs = jnp.take_along_axis(logits, ids, axis=-1) / temperature - lse[:, None]  # a gather from logp copies it
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.uint32)
+    scores = logits if keys is None else z + gumbel_noise(keys, vocab)  # dividing by T > 0 keeps the order
+    ids = jnp.sort(top_k_ids(scores, k), axis=-1)
+    logprobs = jnp.take_along_axis(logits, ids, axis=-1) / temperature - lse[:, None]
     tail_mass = jnp.maximum(1.0 - jnp.sum(jnp.exp(logprobs), axis=-1), 0.0)
     return Summary(ids.astype(jnp.int32), logprobs, lse, entropy, tail_mass)
 
 
-def gumbel_noise(keys: jax.Array, vocab: int) -> jax.Array:
-    """Gumbel(0, 1) noise [N, vocab]: per token two 32-bit words from its PRNG key, per id a keyed integer hash.
+def top_k_ids(scores: jax.Array, k: int, block: int = 64) -> jax.Array:
+    """Ids of the k largest scores of each row [N, V] (ties broken by position), ~2.7x cheaper on CPU than
+    lax.top_k over whole rows: the k blocks of `block` ids with the largest maxima hold k scores at least as
+    large as any score outside them, so the exact top k is the top k of those k * block candidates.
+    """
+    rows, vocab = scores.shape
+    blocks = -(-vocab // block)
+    if blocks <= k:
+        return jax.lax.top_k(scores, k)[1]
+    if vocab % block:
+        scores = jnp.pad(scores, ((0, 0), (0, blocks * block - vocab)), constant_values=-jnp.inf)
+    grouped = scores.reshape(rows, blocks, block)
+    chosen = jnp.sort(jax.lax.top_k(grouped.max(axis=-1), k)[1], axis=-1)  # block ids, ascending
+    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(rows, k * block)
+    picked = jax.lax.top_k(candidates, k)[1]
+    return jnp.take_along_axis(chosen, picked // block, axis=-1) * block + picked % block
 
-    Drawing all N x vocab values from threefry costs ~8x more on CPU than the LM head's extra passes; the hash
-    (two rounds of lowbias32, keyed by the token's words) gives 24 uniform bits per id at the price of a few
-    integer ops, the same resolution jax.random.gumbel has in float32.
+
+def gumbel_noise(keys: jax.Array, ids: jax.Array) -> jax.Array:
+    """Gumbel(0, 1) noise [N, t] for vocabulary ids [t] (uint32): per token two 32-bit words from its PRNG key,
+    per id a keyed integer hash.
+
+    Drawing all N x vocab values from threefry costs ~4x more on CPU (0.44 s vs 0.10 s per 128 x 262,144 chunk);
+    the hash (two rounds of lowbias32, keyed by the token's words) gives 24 uniform bits per id for a few integer
+    ops, about the resolution jax.random.gumbel has in float32.
     """
     words = jax.vmap(lambda key: jax.random.bits(key, (2,), jnp.uint32))(keys)
-    ids = jnp.arange(vocab, dtype=jnp.uint32)[None, :]
-    bits = _lowbias32(_lowbias32(ids ^ words[:, :1]) ^ words[:, 1:])
+    bits = _lowbias32(_lowbias32(ids[None, :] ^ words[:, :1]) ^ words[:, 1:])
     uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * 2.0**-24  # in (0, 1)
     return -jnp.log(-jnp.log(uniform))
 
@@ -73,11 +93,10 @@ def summarize_hidden(
     keys: jax.Array | None = None,
     chunk: int = CHUNK,
 ) -> Summary:
-    """`summarize` of head(hidden) for hidden [N, D], one chunk of tokens at a time."""
+    """`summarize` of head(hidden) for hidden [N, D] (keys [N] when sampling), one chunk of tokens at a time."""
     count = hidden.shape[0]
     chunks = -(-count // chunk)
-    pad = chunks * chunk - count
-    hidden = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(chunks, chunk, -1)
+    hidden = jnp.pad(hidden, ((0, chunks * chunk - count), (0, 0))).reshape(chunks, chunk, -1)
     if keys is None:
         out = jax.lax.map(lambda h: summarize(head(h), k, temperature), hidden)
     else:

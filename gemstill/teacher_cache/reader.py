@@ -69,13 +69,14 @@ class TeacherCacheReader:
             rows = np.unique(wanted[slots == slot] - shards[slot]["seq_start"])
             if (rows < shards[slot]["rows"]).any():
                 parts.append(self._decode(self._read_rows(shards[slot], rows[rows < shards[slot]["rows"]])))
-        missing = f"{split}: not every seq_index of {wanted.tolist()} is in the teacher cache; {_REBUILD}"
-        if not parts:
-            raise GemstillError(missing)
-        found = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        order = np.minimum(np.searchsorted(found["seq_index"], wanted), len(found["seq_index"]) - 1)
-        if (found["seq_index"][order] != wanted).any():
-            raise GemstillError(missing)
+        found = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if parts else {}
+        absent = wanted[~np.isin(wanted, found.get("seq_index", []))]
+        if len(absent):
+            raise GemstillError(
+                f"{split}: seq_index {absent[0]} ({len(absent)} of {len(wanted)} asked) is not in the teacher cache; "
+                f"{_REBUILD}"
+            )
+        order = np.searchsorted(found["seq_index"], wanted)
         return {name: values[order] for name, values in found.items()}
 
     def batches(
