@@ -15,7 +15,6 @@ On the same packed sequences (docstrings of the Python standard library, tokeniz
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import functools
 import itertools
@@ -23,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from flax import nnx
 
 from gemstill.config import Gemma3Config
 from gemstill.data.format import read_split, write_split
+from gemstill.data.python_docs import stdlib_documents
 from gemstill.loading import LoadedModel, load_model, load_tokenizer
 from gemstill.model import build_model
 from gemstill.pretrain import masked_cross_entropy
@@ -52,22 +51,6 @@ TINY_BODY = Gemma3Config(
     num_layers=2, embed_dim=128, hidden_dim=256, num_heads=2, num_kv_heads=1, head_dim=64, sliding_window=64
 )
 BATCH_FIELDS = ("tokens", "positions", "segment_ids")
-
-
-def stdlib_documents() -> list[str]:
-    """English prose every machine has: module, class and function docstrings of the standard library."""
-    docs = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    docs.append(doc)
-    return docs
 
 
 def packed_rows(tokenizer: Tokenizer, docs: list[str], rows: int, length: int) -> dict[str, np.ndarray]:

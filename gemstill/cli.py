@@ -222,6 +222,9 @@ def run(
     for name, result in results.items():
         table.add_row(name, result["key"], "cached" if result["cached"] else "ran", _headline(result["metrics"]))
     Console().print(table)
+    plan = make_plan(profile, pipeline, store, overrides)
+    if any(s.spec.task == "evaluate" for s in plan.stages.values()) and (directory := _report_dir(plan)) is not None:
+        _print_report(plan.profile.name, json.loads((directory / "report.json").read_text())["rows"], directory)
 
 
 def _headline(metrics: dict, count: int = 4) -> str:
@@ -273,6 +276,54 @@ def status(
             human(memory) if memory else "-",
         )
     Console().print(table)
+
+
+@app.command()
+def report(
+    profile: Annotated[str, typer.Argument(help="profile name or YAML path")],
+    pipeline: PipelineOpt = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The evaluate stage's table: held-out NLL, perplexity and KL to the teacher per model."""
+    from gemstill.pipeline.plan import make_plan
+
+    plan = make_plan(profile, pipeline, store, _overrides(set_))
+    directory = _report_dir(plan)
+    if directory is None:
+        raise GemstillError(
+            f"profile {profile} has not been evaluated with these settings; run: gemstill run {profile}"
+        )
+    rows = json.loads((directory / "report.json").read_text())["rows"]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    _print_report(plan.profile.name, rows, directory)
+
+
+def _report_dir(plan) -> Path | None:
+    """The committed output of the pipeline's evaluate stage, or None when it is not done."""
+    names = [n for n, s in plan.stages.items() if s.spec.task == "evaluate"]
+    if not names:
+        raise GemstillError(f"pipeline {plan.pipeline.name} has no evaluate stage")
+    key = plan.stages[names[-1]].key
+    return plan.store.fetch(names[-1], key) if plan.store.manifest(names[-1], key) is not None else None
+
+
+def _print_report(profile: str, rows: list[dict], directory: Path) -> None:
+    table = Table("model", "layers", "parameters", "val NLL", "val PPL", "KL to teacher", title=f"report: {profile}")
+    for row in rows:
+        table.add_row(
+            row["model"],
+            str(row["layers"]),
+            f"{row['parameters']:,}",
+            f"{row['val_nll']:.4f}",
+            f"{row['val_ppl']:.3f}",
+            f"{row['kl_to_teacher']:.4f}",
+        )
+    Console().print(table)
+    Console().print(f"report with plots: {directory / 'report.md'}")
 
 
 cache_app = typer.Typer(help="Inspect the teacher logit cache.", no_args_is_help=True)

@@ -145,6 +145,7 @@ class Attention(nnx.Module):
         cache_start: jax.Array | None,
         return_probs: bool,
         segments: jax.Array | None = None,
+        attention_impl: str | None = None,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
         dtype = x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
@@ -163,6 +164,22 @@ class Attention(nnx.Module):
             new_cache = cache.write(k, v, key_positions, cache_start)
 
         batch, steps, heads, head_dim = q.shape
+        if attention_impl is not None and cache is None and not return_probs:
+            from gemstill.kernels.attention import attention
+
+            out = attention(
+                q,
+                keys,
+                values,
+                q_positions=positions,
+                kv_positions=key_pos,
+                q_segments=segments,
+                kv_segments=segments,
+                window=self.window,
+                softcap=self.softcap,
+                implementation=attention_impl,
+            )
+            return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype)), None, None
         kv_heads = keys.shape[2]
         grouped = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
         logits = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32)
@@ -204,9 +221,11 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.post_ffw_norm = RMSNorm(dim, eps=eps, param_dtype=pd)
 
-    def __call__(self, x, positions, key_positions, cache, cache_start, return_probs, segments=None):
+    def __call__(
+        self, x, positions, key_positions, cache, cache_start, return_probs, segments=None, attention_impl=None
+    ):
         attn_out, new_cache, probs = self.attn(
-            self.pre_attn_norm(x), positions, key_positions, cache, cache_start, return_probs, segments
+            self.pre_attn_norm(x), positions, key_positions, cache, cache_start, return_probs, segments, attention_impl
         )
         x = x + self.post_attn_norm(attn_out)
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
@@ -259,6 +278,9 @@ class Gemma3(nnx.Module):
         return_logits: bool = True,
         return_hidden: bool = False,
         attention_prob_layers: tuple[int, ...] = (),
+        layer_scale: jax.Array | None = None,
+        remat: str | None = None,
+        attention_impl: str | None = None,
     ) -> ModelOutput:
         """Run the decoder on tokens [B, T].
 
@@ -266,7 +288,15 @@ class Gemma3(nnx.Module):
         each one, so left-padded prompts start at position 0. segment_ids [B, T] keep packed documents apart
         (give positions that restart per document). With a cache, the T new tokens attend to the cached ones
         and are written into it.
+
+        Training only (no cache): layer_scale [num_layers] float implements progressive layer dropout: 0 skips the
+        block (its residual update is not computed at all), s > 0 multiplies its residual update by s (1 / keep
+        probability, so inference needs no rescaling). remat ("block", "dots" or "dots_no_batch") rematerializes
+        each block in the backward pass under that jax.checkpoint policy. attention_impl (None: the dense code
+        here) routes cache-free attention through gemstill.kernels.attention ("auto", "xla", "pallas", ...).
         """
+        if cache is not None and (layer_scale is not None or remat is not None):
+            raise ValueError("layer_scale and remat are for training forward passes, not cached decoding")
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training batches, not cached decoding")
         if mask is None:
@@ -283,9 +313,31 @@ class Gemma3(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             start = None if cache is None else cache.end_index
-            x, new_layer_cache, layer_probs = block(
-                x, positions, key_positions, layer_cache, start, i in attention_prob_layers, segment_ids
-            )
+            if cache is None and (layer_scale is not None or remat is not None):
+                scale = None if layer_scale is None else layer_scale[i]
+                x, layer_probs = _train_block(
+                    block,
+                    x,
+                    positions,
+                    key_positions,
+                    segment_ids,
+                    i in attention_prob_layers,
+                    scale,
+                    remat,
+                    attention_impl,
+                )
+                new_layer_cache = None
+            else:
+                x, new_layer_cache, layer_probs = block(
+                    x,
+                    positions,
+                    key_positions,
+                    layer_cache,
+                    start,
+                    i in attention_prob_layers,
+                    segment_ids,
+                    attention_impl,
+                )
             new_layers.append(new_layer_cache)
             if hidden is not None:
                 hidden.append(x)
@@ -302,6 +354,50 @@ class Gemma3(nnx.Module):
             attention_probs=probs or None,
             cache=new_cache,
         )
+
+
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _train_block(
+    block: Block,
+    x: jax.Array,
+    positions: jax.Array,
+    key_positions: jax.Array,
+    segments: jax.Array | None,
+    return_probs: bool,
+    scale: jax.Array | None,
+    remat: str | None,
+    attention_impl: str | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """One block of a training pass, optionally rematerialized and/or skipped (scale 0) by a real branch."""
+    graphdef, state = nnx.split(block)
+
+    def run(state: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        block = nnx.merge(graphdef, state)
+        out, _, probs = block(x, positions, key_positions, None, None, return_probs, segments, attention_impl)
+        return out, probs
+
+    if remat is not None:
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; use one of {sorted(REMAT_POLICIES)}")
+        run = jax.checkpoint(run, policy=REMAT_POLICIES[remat])
+    if scale is None:
+        return run(state, x)
+
+    def keep(state: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        out, probs = run(state, x)
+        return x + (out - x) * scale.astype(x.dtype), probs
+
+    def skip(state: nnx.State, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        shapes = jax.eval_shape(run, state, x)[1]
+        return x, None if shapes is None else jnp.zeros(shapes.shape, shapes.dtype)
+
+    return jax.lax.cond(scale > 0, keep, skip, state, x)
 
 
 def _next_positions(cache: Cache) -> jax.Array:

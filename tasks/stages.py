@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from gemstill.errors import GemstillError
@@ -45,5 +45,12 @@ def run_pipeline_stage(
         table=rows,
         description=f"{stage} ({manifest['key']}) in {manifest['seconds']:.1f} s",
     )
+    report = plan.store.local_dir(stage, manifest["key"]) / "report.md"
+    if report.is_file():  # the evaluate stage's table (its PNGs sit beside it in the store)
+        create_markdown_artifact(
+            key=artifact_key(f"{plan.profile.name}-{stage}-report"),
+            markdown=report.read_text(),
+            description=f"{stage} report ({manifest['key']})",
+        )
     logger.info("stage %s committed as %s in %.1f s", stage, manifest["key"], manifest["seconds"])
     return {k: manifest[k] for k in ("stage", "key", "metrics", "seconds")}

@@ -487,3 +487,16 @@ def test_prepare_with_the_gemma3_tokenizer(gemma3_270m_gguf: Path, tmp_path: Pat
         assert tokens[:start] == tokenizer.encode_chat(user, add_generation_prompt=True)
         assert tokenizer.decode(tokens[start:], skip_special=False) == problem["solution"] + "<end_of_turn>"
         assert verify(problem, tokenizer.decode(tokens[start:]))
+
+
+def test_python_docs_source_gives_deterministic_prose():
+    from gemstill.data.config import DataConfig
+    from gemstill.data.prepare import collect_examples
+    from gemstill.data.python_docs import stdlib_documents
+
+    config = DataConfig(source="python-docs", python_docs={"max_documents": 50, "min_chars": 300})
+    examples, heldout = collect_examples(config, Path("/nonexistent"))
+    assert heldout == [] and len(examples) == 50
+    assert all(isinstance(text, str) and len(text) >= 300 for text in examples)
+    assert examples == stdlib_documents(300, 50)  # same machine, same Python: same corpus
+    assert len(stdlib_documents(200)) > 1000  # the full corpus is large enough for real runs

@@ -184,6 +184,9 @@ def test_shipped_profiles_validate_with_memory_estimates():
     memory = plan.stages["teacher_cache"].task.memory(plan.profile)
     assert 7.5e9 < memory["params"] < 8e9  # 3.88B text-decoder parameters in bfloat16
     assert memory["total"] < plan.profile.hardware.memory_per_device_gib * 2**30
+    training = plan.stages["train_student"].task.memory(plan.profile)
+    assert 0 < training["total"] < plan.profile.hardware.memory_per_device_gib * 2**30
+    assert training["teacher"] > 0  # online teacher for the hidden-state term
     assert textwrap.dedent(plan.pipeline.description).strip()
     with pytest.raises(GemstillError, match="needs a TPU but this machine runs JAX on cpu"):
         run_stage(plan, "prepare_data")

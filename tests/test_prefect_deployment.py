@@ -91,7 +91,11 @@ def test_deployment_run_completes(prefect_server, tmp_path):
         worker.wait(timeout=30)
         worker_log.close()
     assert sorted(p.parent.parent.name for p in store.glob("*/*/manifest.json")) == [
+        "evaluate",
+        "layer_map",
         "prepare_data",
         "pretrain_teacher",
         "teacher_cache",
+        "train_baseline",
+        "train_student",
     ]

@@ -38,15 +38,28 @@ class FilesConfig(BaseModel):
     )
 
 
+class PythonDocsConfig(BaseModel):
+    """The docstrings of the Python standard library (gemstill.data.python_docs) as plain-text documents."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_documents: int | None = Field(None, ge=1, description="cap on documents, in file order")
+    min_chars: int = Field(200, ge=1, description="shorter docstrings are skipped")
+
+
 class DataConfig(BaseModel):
     """Where the training text comes from and how it is cut into packed fixed-length sequences."""
 
     model_config = ConfigDict(extra="forbid")
-    source: Literal["generated", "files"] = Field("generated", description="generated problems, or local files")
+    source: Literal["generated", "files", "python-docs"] = Field(
+        "generated", description="generated problems, local files, or the Python standard library's docstrings"
+    )
     generated: GeneratedCorpusConfig = Field(
         default_factory=GeneratedCorpusConfig, description="the generated corpus (source: generated)"
     )
     files: FilesConfig | None = Field(None, description="the local files (required when source: files)")
+    python_docs: PythonDocsConfig = Field(
+        default_factory=PythonDocsConfig, description="the docstring corpus (source: python-docs)"
+    )
     seq_len: int = Field(256, ge=16, description="tokens per packed sequence")
     validation_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of documents held for validation")
     seed: int = Field(0, description="seed of the document shuffle before packing")

@@ -21,6 +21,7 @@ from gemstill.config import VOCAB_SIZE
 from gemstill.data.config import DataConfig, TokenizerTrainingConfig
 from gemstill.data.format import write_split
 from gemstill.data.generated import Problem, generate, is_heldout, stable_unit
+from gemstill.data.python_docs import stdlib_documents
 from gemstill.data.sources import Example, load_file_examples
 from gemstill.errors import GemstillError
 from gemstill.fingerprint import bytes_fingerprint
@@ -99,6 +100,9 @@ def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Exampl
     if config.source == "files":
         assert config.files is not None  # the config's validator guarantees it
         return load_file_examples(config.files, scratch_dir), []
+    if config.source == "python-docs":
+        docs = config.python_docs
+        return list(stdlib_documents(docs.min_chars, docs.max_documents)), []
     problems = generate(config.generated)
     heldout = [p for p in problems if is_heldout(p, config.generated.heldout_fraction)]
     kept = [p for p in problems if not is_heldout(p, config.generated.heldout_fraction)]

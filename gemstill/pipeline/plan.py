@@ -91,9 +91,13 @@ def make_plan(
     for name, derive in DERIVED.items():
         dumped[name] = derive(profile)
     planned: dict[str, PlannedStage] = {}
+    validated: set[Any] = set()
     for name in spec.order():
         stage = spec.stages[name]
         task = resolve_task(stage.task, stage.reads)
+        if task.validate not in validated:
+            validated.add(task.validate)
+            task.validate(profile)
         settings = {path: _lookup(dumped, path) for path in task.reads}
         code = code_version(task.code)
         inputs = {need: planned[need].key for need in stage.needs}

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gemstill.config import Gemma3Config
 from gemstill.data.config import DataConfig, TokenizerTrainingConfig
+from gemstill.distill.config import DistillConfig, StudentConfig, TrainingConfig
+from gemstill.distill.layer_map import LayerMapConfig
 from gemstill.errors import GemstillError
 from gemstill.pipeline.yamlio import read_yaml, validate
 from gemstill.pretrain import PretrainConfig
@@ -93,6 +95,15 @@ class Precision(BaseModel):
     compute: Literal["float32", "bfloat16"] = "float32"
 
 
+class EvaluateConfig(BaseModel):
+    """Which sequences the evaluate stage scores (the held-out validation split by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: Literal["train", "validation"] = "validation"
+    max_sequences: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -102,6 +113,11 @@ class Profile(BaseModel):
     teacher: TeacherConfig
     data: DataConfig = DataConfig()
     teacher_cache: TeacherCacheConfig = TeacherCacheConfig()
+    student: StudentConfig = StudentConfig()
+    layer_map: LayerMapConfig = LayerMapConfig()
+    distill: DistillConfig = DistillConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     hardware: Hardware = Hardware()
     precision: Precision = Precision()
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from gemstill.errors import GemstillError
 from gemstill.memory import estimate
+from gemstill.pipeline import student_stages
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.profile import Profile
 
@@ -23,6 +24,7 @@ class StageTask:
     reads: tuple[str, ...]  # dotted profile paths the key hashes
     code: tuple[str, ...]  # modules whose source is part of the key (the code version)
     memory: Callable[[Profile], dict[str, int]] = lambda profile: {}
+    validate: Callable[[Profile], None] = lambda profile: None  # checks run when the plan is made, before compute
 
 
 def _teacher_spec_identity(profile: Profile) -> dict[str, Any]:
@@ -53,12 +55,10 @@ def pretrain_teacher_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
-    from gemstill.loading import load_model
+    from gemstill.pipeline.student_stages import load_teacher
     from gemstill.teacher_cache.writer import build_teacher_cache
 
-    precision = ctx.profile.precision
-    spec = ctx.profile.teacher.model or f"orbax:{ctx.input('pretrain_teacher') / 'model'}"
-    teacher = load_model(spec, param_dtype=precision.params, dtype=precision.compute)
+    teacher = load_teacher(ctx)
     return build_teacher_cache(ctx.profile.teacher_cache, ctx.input("prepare_data"), teacher, ctx.workdir, log=ctx.log)
 
 
@@ -111,11 +111,12 @@ def _teacher_cache_memory(profile: Profile) -> dict[str, int]:
 BUILTIN: dict[str, StageTask] = {
     "prepare_data": StageTask(
         fn=prepare_data_stage,
-        reads=("data", "teacher.model", "teacher.scratch.tokenizer", "_teacher_identity"),
+        reads=("data", "teacher.model", "teacher.scratch.tokenizer", "_teacher_identity", "_data_identity"),
         code=(
             "gemstill.data.prepare",
             "gemstill.data.generated",
             "gemstill.data.sources",
+            "gemstill.data.python_docs",
             "gemstill.data.format",
             "gemstill.tokenizer",
         ),
@@ -139,8 +140,64 @@ BUILTIN: dict[str, StageTask] = {
     ),
 }
 
+_STUDENT_READS = ("teacher", "student", "layer_map", "training", "precision", "hardware.mesh", "_teacher_identity")
+_STUDENT_CODE = (
+    "gemstill.distill.train",
+    "gemstill.distill.head",
+    "gemstill.distill.losses",
+    "gemstill.distill.optim",
+    "gemstill.distill.config",
+    "gemstill.distill.student_init",
+    "gemstill.distill.checkpointing",
+    "gemstill.distill.sharding",
+    "gemstill.kernels.lm_head",
+    "gemstill.kernels.attention",
+    "gemstill.model",
+    "gemstill.params",
+)
+BUILTIN.update(
+    {
+        "layer_map": StageTask(
+            fn=student_stages.layer_map_stage,
+            reads=("teacher", "student", "layer_map", "precision", "_teacher_identity"),
+            code=("gemstill.distill.layer_map", "gemstill.distill.cka", "gemstill.model"),
+            validate=student_stages.validate_student,
+        ),
+        "train_student": StageTask(
+            fn=student_stages.train_student_stage,
+            reads=(*_STUDENT_READS, "distill", "teacher_cache.temperature"),
+            code=_STUDENT_CODE,
+            memory=student_stages.train_student_memory,
+            validate=student_stages.validate_student,
+        ),
+        "train_baseline": StageTask(
+            fn=student_stages.train_baseline_stage,
+            reads=_STUDENT_READS,
+            code=_STUDENT_CODE,
+            memory=student_stages.train_baseline_memory,
+            validate=student_stages.validate_student,
+        ),
+        "evaluate": StageTask(
+            fn=student_stages.evaluate_stage,
+            reads=("teacher", "evaluate", "precision", "_teacher_identity"),
+            code=("gemstill.distill.evaluate", "gemstill.model"),
+        ),
+    }
+)
+
+
 # derived values a key may hash besides profile sections
-DERIVED: dict[str, Callable[[Profile], Any]] = {"_teacher_identity": _teacher_spec_identity}
+def _data_identity(profile: Profile) -> Any:
+    """What the data depends on besides its settings: the Python version for the stdlib docstring corpus."""
+    import platform
+
+    return platform.python_version() if profile.data.source == "python-docs" else None
+
+
+DERIVED: dict[str, Callable[[Profile], Any]] = {
+    "_teacher_identity": _teacher_spec_identity,
+    "_data_identity": _data_identity,
+}
 
 
 def resolve_task(name: str, extra_reads: list[str]) -> StageTask:

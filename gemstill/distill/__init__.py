@@ -1,0 +1,1 @@
+"""Student distillation: layer maps, losses, training, evaluation."""

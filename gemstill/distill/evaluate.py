@@ -1,0 +1,183 @@
+"""Held-out evaluation of teacher, students and baselines: NLL, perplexity and the exact KL to the teacher.
+
+KL(teacher || model) is computed over the full vocabulary from both models' logits, a chunk of tokens at a time,
+so it is the true divergence, not the sparse cache's lower bound. Positions are the loss targets of the split
+(the tokens a student is trained to predict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemstill.config import Gemma3Config
+from gemstill.data.format import read_split
+from gemstill.fsutil import atomic_write_bytes
+from gemstill.model import Gemma3
+from gemstill.params import from_flat
+from gemstill.teacher_cache.writer import prediction_mask
+
+EVAL_CHUNK = 256  # tokens per [chunk x vocab] tile: 256 x 262,144 float32 = 256 MiB per model
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str  # report row name: teacher, student, baseline, ...
+    config: Gemma3Config
+    params: Mapping[str, Any]
+
+
+def _final_hidden(model: Gemma3, batch: dict[str, jax.Array]) -> jax.Array:
+    seg = batch["segment_ids"]
+    out = model(batch["tokens"], batch["positions"], mask=seg > 0, segment_ids=seg, return_logits=False)
+    return out.final_hidden
+
+
+@jax.jit
+def _tile_sums(teacher_logits: jax.Array, model_logits: jax.Array, labels: jax.Array, weights: jax.Array):
+    """Weighted sums over one tile: NLL of the labels under the model, and KL(teacher || model)."""
+    log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
+    log_m = jax.nn.log_softmax(model_logits, axis=-1)
+    nll = -jnp.take_along_axis(log_m, labels[:, None], axis=-1)[:, 0]
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_m), axis=-1)
+    return (nll * weights).sum(), (kl * weights).sum()
+
+
+def evaluate_models(
+    teacher: Candidate,
+    others: list[Candidate],
+    data_dir: Path,
+    split: str = "validation",
+    batch_size: int = 4,
+    max_sequences: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters."""
+    data = read_split(data_dir, split)
+    rows = len(data["tokens"]) if max_sequences is None else min(max_sequences, len(data["tokens"]))
+    models = [(c, from_flat(c.config, c.params, c.name)) for c in [teacher, *others]]
+    graph_states = [nnx.split(m) for _, m in models]
+    forward = jax.jit(lambda graphdef, state, batch: _final_hidden(nnx.merge(graphdef, state), batch), static_argnums=0)
+    heads = [jax.jit(lambda state, h, g=g: nnx.merge(g, state).logits(h[None])[0]) for g, _ in graph_states]
+    totals = np.zeros((len(models), 2))
+    tokens = 0.0
+    for start in range(0, rows, batch_size):
+        sel = np.arange(start, min(start + batch_size, rows))
+        batch = {k: jnp.asarray(data[k][sel]) for k in ("tokens", "positions", "segment_ids")}
+        labels = np.pad(data["tokens"][sel][:, 1:], ((0, 0), (0, 1))).reshape(-1)
+        weights = prediction_mask(data["loss_mask"][sel]).reshape(-1).astype(np.float32)
+        keep = np.flatnonzero(weights)
+        if not len(keep):
+            continue
+        hiddens = [
+            forward(g, s, batch).reshape(-1, c.config.embed_dim)[keep]
+            for (g, s), (c, _) in zip(graph_states, models, strict=True)
+        ]
+        for lo in range(0, len(keep), EVAL_CHUNK):
+            part = slice(lo, lo + EVAL_CHUNK)
+            y, w = jnp.asarray(labels[keep][part]), jnp.ones(len(keep[part]), jnp.float32)
+            teacher_logits = heads[0](graph_states[0][1], hiddens[0][part])
+            for i in range(len(models)):
+                logits = teacher_logits if i == 0 else heads[i](graph_states[i][1], hiddens[i][part])
+                nll, kl = _tile_sums(teacher_logits, logits, y, w)
+                totals[i] += (float(nll), float(kl))
+        tokens += len(keep)
+        progress(f"evaluate: {min(start + batch_size, rows)}/{rows} sequences")
+    results = []
+    for (candidate, _), (nll, kl) in zip(models, totals, strict=True):
+        mean_nll = nll / max(tokens, 1.0)
+        results.append(
+            {
+                "model": candidate.name,
+                "val_nll": float(mean_nll),
+                "val_ppl": float(np.exp(mean_nll)),
+                "kl_to_teacher": float(kl / max(tokens, 1.0)),
+                "tokens": int(tokens),
+                "parameters": int(sum(np.prod(np.shape(v)) for v in candidate.params.values())),
+                "layers": candidate.config.num_layers,
+            }
+        )
+    return results
+
+
+def report_markdown(title: str, rows: list[dict[str, Any]], notes: list[str]) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "| model | layers | parameters | val NLL | val PPL | KL to teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['parameters']:,} | {r['val_nll']:.4f} | {r['val_ppl']:.3f} "
+            f"| {r['kl_to_teacher']:.4f} |"
+        )
+    lines += ["", *notes, "", "![evaluation](evaluation.png)", "", "![training curves](training_curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _figure_bytes(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def save_evaluation_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Bars of validation NLL and KL to the teacher per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    names = [r["model"] for r in rows]
+    colors = ["#777777", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"][: len(rows)]
+    for ax, key, label in (
+        (axes[0], "val_nll", "validation NLL (nats/token)"),
+        (axes[1], "kl_to_teacher", "KL to teacher"),
+    ):
+        values = [r[key] for r in rows]
+        ax.bar(names, values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    return atomic_write_bytes(path, _figure_bytes(figure))
+
+
+def save_training_curves(path: Path, histories: dict[str, list[dict[str, float]]]) -> Path:
+    """Training cross-entropy (the term every run shares) and validation loss per run, on one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 3.5), dpi=120)
+    for name, history in histories.items():
+        axes.plot([h["step"] for h in history], [h["cross_entropy"] for h in history], label=f"{name} train CE", lw=1)
+        val = [(h["step"], h["val_cross_entropy"]) for h in history if "val_cross_entropy" in h]
+        if val:
+            axes.plot(*zip(*val, strict=True), marker="o", lw=1, label=f"{name} val CE")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return atomic_write_bytes(path, _figure_bytes(figure))
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

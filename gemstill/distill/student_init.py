@@ -1,0 +1,113 @@
+"""Start a student from the teacher's weights: embedding, final norm and the mapped blocks, copied.
+
+A student whose blocks begin as copies of the teacher layers they will learn from starts near a useful
+function instead of from noise. Blocks not in the mapping keep their random initialization.
+
+Widths must match, unless projection="truncate": then each copied tensor keeps its leading slice along every
+axis (the first embed_dim dims, hidden units, heads, kv heads and head dims). That is a simple, explicit
+projection, not a learned one; with grouped-query attention it also regroups query heads onto kv heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+from gemstill.model import build_model
+from gemstill.params import LAYER_PARAMS, check_flat, to_flat
+
+Projection = Literal["none", "truncate"]
+_WIDTHS = ("embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
+
+
+class StudentInit(NamedTuple):
+    """The student's flat parameters, and notes a person should read (e.g. local/global mismatches)."""
+
+    params: dict[str, jax.Array]
+    notes: list[str]
+
+
+def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Projection) -> None:
+    if student.vocab_size != teacher.vocab_size:
+        raise GemstillError(
+            f"student vocab_size {student.vocab_size} differs from the teacher's {teacher.vocab_size}; the student "
+            "must share the teacher's tokenizer and vocabulary"
+        )
+    wider = [
+        f"{n} {getattr(student, n)} > {getattr(teacher, n)}"
+        for n in _WIDTHS
+        if getattr(student, n) > getattr(teacher, n)
+    ]
+    if wider:
+        raise GemstillError(
+            f"student layers wider than the teacher's ({', '.join(wider)}); copying cannot fill them, set "
+            "student.init: random"
+        )
+    narrower = [
+        f"{n} {getattr(student, n)} < {getattr(teacher, n)}"
+        for n in _WIDTHS
+        if getattr(student, n) < getattr(teacher, n)
+    ]
+    if narrower and projection != "truncate":
+        raise GemstillError(
+            f"student layers narrower than the teacher's ({', '.join(narrower)}); set student.init: random or "
+            "configure student.projection: truncate"
+        )
+
+
+def _fit(value: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """The leading slice of `value` with this shape (the whole array when shapes already match)."""
+    return jnp.asarray(value[tuple(slice(0, n) for n in shape)], dtype=dtype)
+
+
+def _kind(window: int | None) -> str:
+    return "global" if window is None else f"sliding-window ({window})"
+
+
+def _window_notes(student: Gemma3Config, teacher: Gemma3Config, pairs: Sequence[tuple[int, int]]) -> list[str]:
+    """A note per pair copying a local layer into a global one or back: the copy then attends differently."""
+    notes = []
+    for s, t in pairs:
+        s_window, t_window = student.layer_windows[s], teacher.layer_windows[t]
+        if (s_window is None) != (t_window is None):
+            notes.append(
+                f"student layer {s} is {_kind(s_window)} but copies teacher layer {t}, which is {_kind(t_window)}"
+            )
+    return notes
+
+
+def init_student_from_teacher(
+    student_config: Gemma3Config,
+    teacher_config: Gemma3Config,
+    teacher_flat: Mapping[str, jax.Array],
+    mapping_pairs: Sequence[tuple[int, int]],
+    seed: int,
+    projection: Projection = "none",
+) -> StudentInit:
+    """A random student (build_model(student_config, seed)) with the teacher's embedding, final norm and mapped blocks.
+
+    Each (student s, teacher t) pair copies every parameter of teacher block t into student block s.
+    """
+    check_widths(student_config, teacher_config, projection)
+    check_flat(teacher_config, teacher_flat, "teacher parameters")
+    for s, t in mapping_pairs:
+        if not (0 <= s < student_config.num_layers and 0 <= t < teacher_config.num_layers):
+            raise GemstillError(
+                f"student init: pair ({s}, {t}) is outside the student's {student_config.num_layers} or the "
+                f"teacher's {teacher_config.num_layers} layers; fix the layer map"
+            )
+    if len({s for s, _ in mapping_pairs}) != len(mapping_pairs):
+        raise GemstillError("student init: a student layer appears in two pairs; each copies one teacher layer")
+    params = dict(to_flat(build_model(student_config, seed)))
+    dtype = student_config.jnp_param_dtype
+    copies = {"embedding": "embedding", "final_norm.scale": "final_norm.scale"}
+    for s, t in mapping_pairs:
+        copies.update({f"layers.{s}.{name}": f"layers.{t}.{name}" for name in LAYER_PARAMS})
+    for target, source in copies.items():
+        params[target] = _fit(teacher_flat[source], params[target].shape, dtype)
+    return StudentInit(params=params, notes=_window_notes(student_config, teacher_config, mapping_pairs))

@@ -1,0 +1,215 @@
+"""The student stages: layer_map, train_student, train_baseline and evaluate (thin glue over gemstill.distill)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.profile import Profile
+
+
+def load_teacher(ctx: StageContext):
+    """The teacher model: the profile's checkpoint spec, or the pretrain_teacher stage's output."""
+    from gemstill.loading import load_model
+
+    precision = ctx.profile.precision
+    spec = ctx.profile.teacher.model or f"orbax:{ctx.input('pretrain_teacher') / 'model'}"
+    return load_model(spec, param_dtype=precision.params, dtype=precision.compute)
+
+
+def student_config(profile: Profile, teacher: Gemma3Config) -> Gemma3Config:
+    precision = profile.precision
+    return profile.student.gemma_config(teacher).replace(param_dtype=precision.params, dtype=precision.compute)
+
+
+def validate_student(profile: Profile) -> None:
+    """Checks that need the teacher's size, run when a plan is made (before any compute)."""
+    from gemstill.distill.layer_map import validate_mapping
+    from gemstill.distill.student_init import check_widths
+    from gemstill.pipeline.stages import teacher_config
+
+    teacher = teacher_config(profile)
+    student = student_config(profile, teacher)
+    validate_mapping(profile.layer_map, student.num_layers, teacher.num_layers)
+    if profile.student.init == "teacher":
+        check_widths(student, teacher, profile.student.projection)
+
+
+def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
+    from gemstill.data.format import read_split
+    from gemstill.distill.layer_map import make_layer_map
+    from gemstill.pipeline.stages import teacher_config
+
+    settings = ctx.profile.layer_map
+    if settings.strategy == "adaptive":
+        teacher = load_teacher(ctx)
+        config, model = teacher.config, teacher.model
+        sample = read_split(ctx.input("prepare_data"), "train")
+    else:
+        config, model, sample = teacher_config(ctx.profile), None, None
+    student = student_config(ctx.profile, config)
+    layer_map = make_layer_map(settings, student.num_layers, config.num_layers, model, sample)
+    layer_map.save(ctx.workdir)
+    ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
+    return {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
+
+
+def _student_run(ctx: StageContext, baseline: bool):
+    """The training Run of the distilled student or of the cross-entropy baseline (same init, data, steps)."""
+    from gemstill.distill.config import DistillConfig
+    from gemstill.distill.layer_map import LayerMap
+    from gemstill.distill.student_init import init_student_from_teacher
+    from gemstill.distill.train import Run, Teacher
+    from gemstill.model import build_model
+    from gemstill.params import to_flat
+
+    profile = ctx.profile
+    teacher = load_teacher(ctx)
+    teacher_flat = to_flat(teacher.model)
+    student = student_config(profile, teacher.config)
+    layer_map = LayerMap.from_json((ctx.input("layer_map") / "layer_map.json").read_text())
+    pairs = tuple((int(s), int(t)) for s, t in layer_map.pairs)
+    if profile.student.init == "teacher":
+        init = init_student_from_teacher(
+            student, teacher.config, teacher_flat, pairs, profile.student.seed, profile.student.projection
+        )
+        params = init.params
+        for note in init.notes:
+            ctx.log(f"student init: {note}")
+    else:
+        params = to_flat(build_model(student, profile.student.seed))
+    del teacher_flat
+    objective = DistillConfig(alpha=0.0) if baseline else profile.distill
+    online = not baseline and objective.online_teacher
+    return Run(
+        student=student,
+        init_params=params,
+        pairs=pairs,
+        objective=objective,
+        training=profile.training,
+        teacher=Teacher(
+            config=teacher.config,
+            params=to_flat(teacher.model) if online else None,
+            cache_dir=None if baseline else ctx.input("teacher_cache"),
+            cache_temperature=profile.teacher_cache.temperature,
+        ),
+        title="baseline" if baseline else "student",
+    )
+
+
+def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
+    from gemstill.distill.train import train
+
+    run = _student_run(ctx, baseline)
+    data_dir = ctx.input("prepare_data")
+    mesh = _mesh(ctx.profile)
+    return train(run, data_dir, ctx.workdir, (data_dir / "tokenizer.model").read_bytes(), log=ctx.log, mesh=mesh)
+
+
+def _mesh(profile: Profile):
+    mesh = profile.hardware.mesh
+    if mesh.devices == 1:
+        return None
+    from gemstill.distill.sharding import make_mesh
+
+    return make_mesh(mesh.data, mesh.fsdp, mesh.tensor)
+
+
+def train_student_stage(ctx: StageContext) -> dict[str, Any]:
+    return _train(ctx, baseline=False)
+
+
+def train_baseline_stage(ctx: StageContext) -> dict[str, Any]:
+    return _train(ctx, baseline=True)
+
+
+def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+    from gemstill.checkpoints.native import load_native
+    from gemstill.distill.evaluate import (
+        Candidate,
+        evaluate_models,
+        read_history,
+        report_markdown,
+        save_evaluation_plot,
+        save_training_curves,
+    )
+    from gemstill.fsutil import atomic_write_bytes
+    from gemstill.params import to_flat
+
+    settings = ctx.profile.evaluate
+    teacher = load_teacher(ctx)
+    candidates, histories = [], {}
+    for task, name in (("train_student", "student"), ("train_baseline", "baseline")):
+        if task in ctx.inputs:
+            config, params = load_native(ctx.input(task) / "model")
+            candidates.append(Candidate(name, config, params))
+            histories[name] = read_history(ctx.input(task))
+    if not candidates:
+        raise GemstillError(f"stage {ctx.stage} needs a train_student or train_baseline stage in its needs")
+    rows = evaluate_models(
+        Candidate("teacher", teacher.config, to_flat(teacher.model)),
+        candidates,
+        ctx.input("prepare_data"),
+        split=settings.split,
+        batch_size=settings.batch_size,
+        max_sequences=settings.max_sequences,
+        progress=ctx.log,
+    )
+    by_name = {row["model"]: row for row in rows}
+    notes = [f"Split: {settings.split}, {rows[0]['tokens']} target tokens. KL is exact (full vocabulary)."]
+    if "student" in by_name and "baseline" in by_name:
+        s, b = by_name["student"], by_name["baseline"]
+        verdict = (
+            "beats" if s["val_nll"] < b["val_nll"] and s["kl_to_teacher"] < b["kl_to_teacher"] else "does not beat"
+        )
+        notes.append(
+            f"The distilled student {verdict} the cross-entropy baseline: NLL {s['val_nll']:.4f} vs "
+            f"{b['val_nll']:.4f}, KL {s['kl_to_teacher']:.4f} vs {b['kl_to_teacher']:.4f}."
+        )
+    out: Path = ctx.workdir
+    atomic_write_bytes(out / "report.json", json.dumps({"profile": ctx.profile.name, "rows": rows}, indent=2).encode())
+    save_evaluation_plot(out / "evaluation.png", rows)
+    save_training_curves(out / "training_curves.png", histories)
+    atomic_write_bytes(out / "report.md", report_markdown(f"gemstill report: {ctx.profile.name}", rows, notes).encode())
+    for note in notes:
+        ctx.log(f"evaluate: {note}")
+    return {f"{row['model']}_{key}": row[key] for row in rows for key in ("val_nll", "kl_to_teacher")}
+
+
+def train_student_memory(profile: Profile) -> dict[str, int]:
+    return _train_memory(profile, online_teacher=profile.distill.online_teacher)
+
+
+def train_baseline_memory(profile: Profile) -> dict[str, int]:
+    return _train_memory(profile, online_teacher=False)
+
+
+def _train_memory(profile: Profile, online_teacher: bool) -> dict[str, int]:
+    """Per-device estimate of a training step: sharded state, one micro-batch's activations, one loss tile."""
+    import numpy as np
+
+    from gemstill.memory import estimate
+    from gemstill.pipeline.stages import teacher_config
+
+    teacher = teacher_config(profile)
+    student = student_config(profile, teacher)
+    mem = estimate(student)
+    mesh = profile.hardware.mesh
+    weights = mem.param_bytes // np.dtype(student.jnp_param_dtype).itemsize
+    slots = 3 if profile.training.optimizer.name == "adamw" else 1  # fp32 gradients + moments (Adafactor: ~factored)
+    state = (mem.param_bytes + slots * 4 * weights) // (mesh.fsdp * mesh.tensor)
+    training = profile.training
+    micro = max(training.batch_size // training.grad_accum // (mesh.data * mesh.fsdp), 1)
+    tokens = micro * profile.data.seq_len
+    kept_layers = 1 if training.remat == "block" else student.num_layers
+    activations = tokens * mem.body_bytes_per_token * (kept_layers + 1) + micro * mem.attention_score_bytes(
+        profile.data.seq_len
+    )
+    head = 3 * min(training.loss_chunk, tokens) * mem.logit_bytes_per_token  # logits, exp, gradient of one tile
+    teacher_bytes = estimate(teacher).param_bytes // (mesh.fsdp * mesh.tensor) if online_teacher else 0
+    total = state + activations + head + teacher_bytes
+    return {"state": state, "activations": activations, "loss_tile": head, "teacher": teacher_bytes, "total": total}

@@ -1,0 +1,224 @@
+"""Student training: outputs, gradient accumulation, exact resume after SIGKILL, NaN stop, online-teacher terms,
+the speed/memory knobs, and sharded training on 8 simulated CPU devices (same result, resume on another mesh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_teacher_cache import CONFIG, packed_split, train_tokenizer
+from train_driver import TEACHER, build_run
+
+from gemstill.checkpoints.native import load_native
+from gemstill.data.format import write_split
+from gemstill.distill.train import Batches, _stack_micro, initial_params, make_loss, make_train_step, train
+from gemstill.errors import GemstillError
+from gemstill.loading import LoadedModel
+from gemstill.model import build_model
+from gemstill.teacher_cache.writer import build_teacher_cache
+from gemstill.tokenizer import Tokenizer
+
+DRIVER = Path(__file__).parent / "train_driver.py"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Packed test data and the top-16 cache of the driver's teacher over it."""
+    proto = train_tokenizer(300)
+    data = tmp_path_factory.mktemp("data")
+    (data / "tokenizer.model").write_bytes(proto)
+    for split, rows, seed in (("train", 24, 1), ("validation", 8, 2)):
+        write_split(data, split, **packed_split(Tokenizer(proto), rows, seed))
+    cache = tmp_path_factory.mktemp("cache")
+    teacher = LoadedModel("test", TEACHER, build_model(TEACHER, seed=0), Tokenizer(proto))
+    build_teacher_cache(CONFIG, data, teacher, cache, log=lambda _: None)
+    return data, cache
+
+
+def _params(out: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in load_native(out / "model")[1].items()}
+
+
+def test_training_writes_model_metrics_and_curve(dirs, tmp_path):
+    data, cache = dirs
+    metrics = train(build_run(cache), data, tmp_path, None, log=lambda _: None)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert {"loss", "distill", "cross_entropy", "grad_norm", "lr", "tokens_per_second"} <= set(history[0])
+    assert "val_loss" in history[2] and "val_loss" in history[5] and "val_loss" not in history[0]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(_params(tmp_path)) == set(build_run(cache).init_params)
+    assert metrics["steps"] == 6 and np.isfinite(metrics["validation_loss"])
+
+
+def test_gradient_accumulation_equals_the_full_batch(dirs):
+    """One SGD(lr=1) step: the update is the gradient, so accumulating over 2 micro-batches must give the same."""
+    data, cache = dirs
+    batches = Batches(data, cache, "train")
+    host = batches.get(np.arange(4))
+    results = []
+    for accum in (1, 2):
+        run = build_run(cache, batch_size=4, grad_accum=accum)
+        step = make_train_step(run, optax.sgd(1.0))
+        params = initial_params(run)
+        new, _, terms, _ = step(
+            dict(params), optax.sgd(1.0).init(params), None, _stack_micro(host, accum), jnp.asarray(0)
+        )
+        results.append((new, terms))
+    (full, full_terms), (accumulated, acc_terms) = results
+    np.testing.assert_allclose(acc_terms["loss"], full_terms["loss"], rtol=1e-5)
+    for name in full:
+        np.testing.assert_allclose(accumulated[name], full[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _driver(data: Path, cache: Path, out: Path, *args: str, devices: int | None = None) -> subprocess.Popen:
+    extra = ["--devices", str(devices)] if devices else []
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), str(data), str(cache), str(out), *extra, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def _steps_saved(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+def test_sigkill_then_resume_ends_with_identical_parameters(dirs, tmp_path):
+    data, cache = dirs
+    settings = ["--set", "steps=10", "--set", "checkpoint_every=2", "--set", "layer_drop=0.3"]
+    reference = _driver(data, cache, tmp_path / "reference", *settings)
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
+
+    killed = _driver(data, cache, tmp_path / "killed", *settings)
+    deadline = time.time() + 600
+    while max(_steps_saved(tmp_path / "killed"), default=0) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    saved = _steps_saved(tmp_path / "killed")
+    assert saved and max(saved) < 10, f"the kill came too late to test resuming: {saved}"
+    assert not (tmp_path / "killed" / "model").exists()
+
+    resumed = _driver(data, cache, tmp_path / "killed", *settings)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming from step" in output
+    want, got = _params(tmp_path / "reference"), _params(tmp_path / "killed")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    history = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 11))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(dirs, tmp_path):
+    data, cache = dirs
+    run = build_run(cache, steps=20, checkpoint_every=1, optimizer={"learning_rate": 1e30, "warmup_steps": 0})
+    with pytest.raises(GemstillError, match=r"loss became .* the last good checkpoint \(step \d+\) is kept") as caught:
+        train(run, data, tmp_path, None, log=lambda _: None)
+    bad_step = int(str(caught.value).split(" at step ")[1].split()[0])
+    assert _steps_saved(tmp_path) and max(_steps_saved(tmp_path)) == bad_step - 1
+    assert not (tmp_path / "model").exists()
+
+
+def test_online_teacher_hidden_and_attention_terms_train_a_projection(dirs, tmp_path):
+    data, cache = dirs
+    objective = {
+        "alpha": 0.5,
+        "online_teacher": True,
+        "hidden": {"weight": 1.0, "kind": "mse"},
+        "attention": {"weight": 1.0},
+    }
+    run = build_run(cache, objective=objective, steps=3, checkpoint_every=3)
+    narrow = run.student.replace(embed_dim=32, hidden_dim=64)
+    from dataclasses import replace
+
+    from gemstill.params import to_flat
+
+    run = replace(run, student=narrow, init_params=to_flat(build_model(narrow, seed=1)))
+    start = initial_params(run)
+    assert start["projections.0"].shape == (32, TEACHER.embed_dim)
+    train(run, data, tmp_path, None, log=lambda _: None)
+    history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["hidden"] > 0 and h["attention"] > 0 for h in history)
+    assert history[-1]["loss"] > history[-1]["distill"] * 0.5  # the intermediate terms are part of the loss
+    loss = make_loss(run)
+    batch = {k: jnp.asarray(v) for k, v in Batches(data, cache, "train").get(np.arange(2)).items()}
+    grads = jax.grad(lambda p: loss(p, run.teacher.params, batch, 0, jax.random.key(0), 10.0)[0])(start)
+    assert float(jnp.abs(grads["projections.0"]).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"optimizer": {"name": "adafactor", "learning_rate": 1e-2}},
+        {"layer_drop": 0.5, "remat": "block", "grad_accum": 2},
+        {"remat": "dots", "loss_chunk": 16},
+    ],
+)
+def test_training_knobs_run_and_stay_finite(dirs, tmp_path, knobs):
+    data, cache = dirs
+    metrics = train(build_run(cache, steps=3, checkpoint_every=3, **knobs), data, tmp_path, None, log=lambda _: None)
+    assert np.isfinite(metrics["final_train_loss"]) and np.isfinite(metrics["validation_loss"])
+
+
+def test_remat_and_bfloat16_compute(dirs):
+    """Rematerialization changes memory, not values; bf16 compute (fp32 master weights) stays close to fp32."""
+    data, cache = dirs
+    batch = {k: jnp.asarray(v) for k, v in Batches(data, cache, "train").get(np.arange(4)).items()}
+    values = {}
+    for name, run in {
+        "plain": build_run(cache),
+        "remat": build_run(cache, remat="block"),
+        "bf16": build_run(cache),
+    }.items():
+        if name == "bf16":
+            from dataclasses import replace
+
+            run = replace(run, student=run.student.replace(dtype="bfloat16"))
+        params = initial_params(run)
+        value, grads = jax.value_and_grad(
+            lambda p, run=run: make_loss(run)(p, None, batch, 0, jax.random.key(0), 50.0)[0]
+        )(params)
+        values[name] = (value, grads)
+        assert all(g.dtype == jnp.float32 for g in grads.values())
+    np.testing.assert_allclose(values["remat"][0], values["plain"][0], rtol=1e-6)
+    np.testing.assert_allclose(values["bf16"][0], values["plain"][0], rtol=3e-2)
+
+
+def test_sharded_training_on_8_devices_matches_and_resumes_on_another_mesh(dirs, tmp_path):
+    """Mesh (2,2,2) vs one device: same parameters; then a run checkpointed under (2,2,2) resumes under (1,4,2)."""
+    data, cache = dirs
+    settings = ["--set", "steps=4", "--set", "checkpoint_every=2", "--set", "batch_size=8"]
+    single = _driver(data, cache, tmp_path / "single", *settings)
+    assert single.wait(timeout=600) == 0, single.stdout.read()[-3000:]
+    sharded = _driver(data, cache, tmp_path / "sharded", *settings, "--mesh", "2,2,2", devices=8)
+    assert sharded.wait(timeout=600) == 0, sharded.stdout.read()[-3000:]
+    want = _params(tmp_path / "single")
+    for name, value in _params(tmp_path / "sharded").items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+    # simulate a kill after step 2 of the sharded run, then resume on a differently shaped slice
+    shutil.rmtree(tmp_path / "sharded" / "checkpoints" / "4")
+    shutil.rmtree(tmp_path / "sharded" / "model")
+    resumed = _driver(data, cache, tmp_path / "sharded", *settings, "--mesh", "1,4,2", devices=8)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming from step 2" in output
+    for name, value in _params(tmp_path / "sharded").items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=2e-5, err_msg=name)

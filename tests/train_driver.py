@@ -1,0 +1,70 @@
+"""A small distillation run over test data, importable by tests and runnable as a script (SIGKILL / 8-device tests).
+
+python tests/train_driver.py DATA_DIR CACHE_DIR OUT_DIR [--mesh D,F,T] [--set key=json]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+if __name__ == "__main__" and "--devices" in sys.argv:  # must precede the jax import
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[sys.argv.index('--devices') + 1]}"
+
+from conftest import TINY
+
+from gemstill.distill.config import DistillConfig, TrainingConfig
+from gemstill.distill.student_init import init_student_from_teacher
+from gemstill.distill.train import Run, Teacher, train
+from gemstill.model import build_model
+from gemstill.params import to_flat
+
+TEACHER = TINY.replace(num_layers=2)
+STUDENT = TINY.replace(num_layers=1)
+
+
+def build_run(cache_dir: Path | None, objective: dict[str, Any] | None = None, **training: Any) -> Run:
+    """The teacher of the cache tests (seed 0), a one-layer student copied from its last block."""
+    teacher = build_model(TEACHER, seed=0)
+    teacher_flat = to_flat(teacher)
+    init = init_student_from_teacher(STUDENT, TEACHER, teacher_flat, [(0, 1)], seed=0)
+    settings = {"steps": 6, "batch_size": 4, "checkpoint_every": 2, "eval_every": 3, "eval_batches": 2, **training}
+    settings.setdefault("optimizer", {"learning_rate": 3e-3, "warmup_steps": 1})
+    objective = DistillConfig(**(objective or {"alpha": 0.5}))
+    return Run(
+        student=STUDENT,
+        init_params=init.params,
+        pairs=((0, 1),),
+        objective=objective,
+        training=TrainingConfig(**settings),
+        teacher=Teacher(TEACHER, teacher_flat if objective.online_teacher else None, cache_dir, 1.0),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("cache_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--mesh", default=None)
+    parser.add_argument("--devices", default=None)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    training = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    mesh = None
+    if args.mesh:
+        from gemstill.distill.sharding import make_mesh
+
+        mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
+    metrics = train(build_run(args.cache_dir, **training), args.data_dir, args.out_dir, None, log=print, mesh=mesh)
+    print("METRICS " + json.dumps(metrics, default=float))
+
+
+if __name__ == "__main__":
+    main()
