@@ -348,8 +348,7 @@ def train(
     for entry in training.freeze:
         if not any(is_frozen(name, [entry]) for name in run.init_params):
             raise GemstillError(
-                f"training.freeze: {entry!r} matches no student parameter; use a name such as 'embedding' or "
-                "'layers.0'"
+                f"training.freeze: {entry!r} matches no student parameter; use a name such as 'embedding' or 'layers.0'"
             )
     place = Placement(mesh, training)
     params, param_shardings = place.params(initial_params(run))
