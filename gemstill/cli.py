@@ -213,7 +213,7 @@ def run(
     from gemstill.pipeline.plan import make_plan
 
     overrides = _overrides(set_)
-    make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
+    plan = make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded API
     from gemstill.flows.distill import distill
 
@@ -222,7 +222,6 @@ def run(
     for name, result in results.items():
         table.add_row(name, result["key"], "cached" if result["cached"] else "ran", _headline(result["metrics"]))
     Console().print(table)
-    plan = make_plan(profile, pipeline, store, overrides)
     if any(s.spec.task == "evaluate" for s in plan.stages.values()) and (directory := _report_dir(plan)) is not None:
         _print_report(plan.profile.name, json.loads((directory / "report.json").read_text())["rows"], directory)
 

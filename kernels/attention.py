@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from gemstill.model import attention_mask
+
 from ._dispatch import resolve, round_up
 
 DEFAULT_BLOCK_Q = 256
@@ -44,14 +46,8 @@ def visible(
     q_segments: jax.Array | None = None,
     kv_segments: jax.Array | None = None,
 ) -> jax.Array:
-    """[B, T, S] mask: the rule of gemstill.model.attention_mask with separate query/key segment ids."""
-    delta = q_positions[:, :, None] - kv_positions[:, None, :]
-    mask = (kv_positions[:, None, :] >= 0) & (delta >= 0)
-    if window is not None:
-        mask &= delta < window
-    if q_segments is not None:
-        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
-    return mask
+    """[B, T, S] mask: gemstill.model.attention_mask with separate query/key segment ids (one rule for both)."""
+    return attention_mask(q_positions, kv_positions, window, q_segments, kv_segments)
 
 
 def attention_reference(

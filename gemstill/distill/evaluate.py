@@ -24,7 +24,7 @@ from gemstill.data.format import read_split
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import Gemma3
 from gemstill.params import from_flat
-from gemstill.teacher_cache.writer import prediction_mask
+from gemstill.teacher_cache.writer import next_token_targets
 
 EVAL_CHUNK = 256  # tokens per [chunk x vocab] tile: 256 x 262,144 float32 = 256 MiB per model
 
@@ -73,9 +73,9 @@ def evaluate_models(
     for start in range(0, rows, batch_size):
         sel = np.arange(start, min(start + batch_size, rows))
         batch = {k: jnp.asarray(data[k][sel]) for k in ("tokens", "positions", "segment_ids")}
-        labels = np.pad(data["tokens"][sel][:, 1:], ((0, 0), (0, 1))).reshape(-1)
-        weights = prediction_mask(data["loss_mask"][sel]).reshape(-1).astype(np.float32)
-        keep = np.flatnonzero(weights)
+        labels, weights = next_token_targets(data["tokens"][sel], data["loss_mask"][sel])
+        labels = labels.reshape(-1)
+        keep = np.flatnonzero(weights.reshape(-1))
         if not len(keep):
             continue
         hiddens = [

@@ -37,7 +37,7 @@ from gemstill.params import ParamBinder
 from gemstill.plots import save_loss_curve
 from gemstill.pretrain import batch_indices
 from gemstill.teacher_cache.reader import TeacherCacheReader
-from gemstill.teacher_cache.writer import prediction_mask
+from gemstill.teacher_cache.writer import next_token_targets
 
 _COLUMNS = ("tokens", "positions", "segment_ids", "loss_mask")
 _TERMS = ("loss", "distill", "cross_entropy", "hidden", "attention")
@@ -251,17 +251,15 @@ class Batches:
 
     def get(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         batch = {name: self.data[name][rows] for name in _COLUMNS}
-        batch["labels"] = np.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1))).astype(np.int32)
-        weights = prediction_mask(batch["loss_mask"])
+        batch["labels"], batch["weights"] = next_token_targets(batch["tokens"], batch["loss_mask"])
         if self.reader is not None:
             cached = self.reader.read(self.split, rows)
-            if (cached["mask"] != weights).any():
+            if (cached["mask"] != (batch["weights"] > 0)).any():
                 raise GemstillError(
                     f"teacher cache {self.reader.out_dir}: stored positions differ from the data's loss positions; "
                     "re-run the teacher_cache stage on this data"
                 )
             batch.update(ids=cached["ids"], logprobs=cached["logprobs"], tail_mass=cached["tail_mass"])
-        batch["weights"] = weights.astype(np.float32)
         del batch["loss_mask"]
         return batch
 
@@ -312,9 +310,11 @@ class Placement:
         return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
 
 
-def evaluate_objective(run: Run, params, teacher_params, batches: Batches, count: int, batch_size: int) -> dict:
-    """The training objective's terms on the first `count` batches of a split, without layer dropout."""
-    loss = jax.jit(make_loss(run), static_argnames="train")
+def evaluate_objective(
+    run: Run, loss: Callable[..., Any], params, teacher_params, batches: Batches, count: int, batch_size: int
+) -> dict:
+    """The training objective's terms on the first `count` batches of a split, without layer dropout; `loss` is
+    jax.jit(make_loss(run), static_argnames="train"), compiled once per run by the caller."""
     totals = {name: 0.0 for name in _TERMS}
     seen = 0
     for start in range(0, min(count * batch_size, batches.rows), batch_size):
@@ -361,6 +361,7 @@ def train(
         scalar = place.replicated()
         out_shardings = (param_shardings, state_shardings, {name: scalar for name in _TERMS}, scalar)
     step_fn = make_train_step(run, optimizer, out_shardings)
+    eval_loss = jax.jit(make_loss(run), static_argnames="train")
     checkpointer = TrainCheckpointer(out_dir / "checkpoints", keep=training.keep_checkpoints)
     history: list[dict[str, float]] = []
     start = 0
@@ -391,7 +392,7 @@ def train(
         done = step + 1 == training.steps
         if (step + 1) % training.eval_every == 0 or done:
             last_val = evaluate_objective(
-                run, params, teacher_params, val_batches, training.eval_batches, training.batch_size
+                run, eval_loss, params, teacher_params, val_batches, training.eval_batches, training.batch_size
             )
             record.update({f"val_{name}": value for name, value in last_val.items()})
         history.append(record)

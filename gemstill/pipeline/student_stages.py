@@ -82,7 +82,6 @@ def _student_run(ctx: StageContext, baseline: bool):
             ctx.log(f"student init: {note}")
     else:
         params = to_flat(build_model(student, profile.student.seed))
-    del teacher_flat
     objective = DistillConfig(alpha=0.0) if baseline else profile.distill
     online = not baseline and objective.online_teacher
     return Run(
@@ -93,7 +92,7 @@ def _student_run(ctx: StageContext, baseline: bool):
         training=profile.training,
         teacher=Teacher(
             config=teacher.config,
-            params=to_flat(teacher.model) if online else None,
+            params=teacher_flat if online else None,
             cache_dir=None if baseline else ctx.input("teacher_cache"),
             cache_temperature=profile.teacher_cache.temperature,
         ),

@@ -94,6 +94,13 @@ def prediction_mask(loss_mask: np.ndarray) -> np.ndarray:
     return np.pad(loss_mask[:, 1:] > 0, ((0, 0), (0, 1)))
 
 
+def next_token_targets(tokens: np.ndarray, loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels [N, L] int32 (position i predicts token i + 1; 0 at the end) and their float32 weights
+    (prediction_mask): what students train on and evaluation scores."""
+    labels = np.pad(tokens[:, 1:], ((0, 0), (0, 1))).astype(np.int32)
+    return labels, prediction_mask(loss_mask).astype(np.float32)
+
+
 def shard_table(
     seq_index: np.ndarray, seq_id: np.ndarray, mask: np.ndarray, summary: Summary, value_dtype: str
 ) -> tuple[pa.Table, dict[str, float]]:
