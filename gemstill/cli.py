@@ -42,11 +42,18 @@ def _read_text(text: str | None, text_file: Path | None, what: str) -> str:
         raise GemstillError(f"--{what}-file {text_file}: not UTF-8 text; convert it to UTF-8") from None
 
 
-def _load(spec: str, param_dtype: str, dtype: str):
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(help="quantize on load and keep packed: int8, q8_0 or q4_0 (a q8_0/q4_0 GGUF stays packed anyway)"),
+]
+
+
+def _load(spec: str, param_dtype: str, dtype: str, quantize: str | None = None):
+    """The model with a GGUF's Q8_0/Q4_0 weights kept packed in memory (dequantized layer by layer when run)."""
     from gemstill.loading import load_model
 
     with err.status(f"loading {spec}"):
-        return load_model(spec, param_dtype=param_dtype, dtype=dtype)
+        return load_model(spec, param_dtype=param_dtype, dtype=dtype, packed=True, quantize=quantize)
 
 
 @app.command()
@@ -57,12 +64,13 @@ def score(
     as_json: JsonOpt = False,
     dtype: DtypeOpt = "float32",
     param_dtype: ParamDtypeOpt = "float32",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Per-token log-probabilities and perplexity of a text (BOS is prepended)."""
     from gemstill.scoring import Scorer, perplexity
 
     content = _read_text(text, text_file, "text")
-    loaded = _load(model, param_dtype, dtype)
+    loaded = _load(model, param_dtype, dtype, quantize)
     tokenizer = loaded.require_tokenizer()
     ids = tokenizer.encode(content)
     logprobs = Scorer(loaded.model).logprobs([ids])[0]
@@ -100,13 +108,14 @@ def generate(
     as_json: JsonOpt = False,
     dtype: DtypeOpt = "float32",
     param_dtype: ParamDtypeOpt = "float32",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Continue a prompt (streamed to the terminal); stops at <eos> or <end_of_turn>."""
     from gemstill.sampler import Sampler, SamplingParams
 
     content = _read_text(prompt, prompt_file, "prompt")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    loaded = _load(model, param_dtype, dtype)
+    loaded = _load(model, param_dtype, dtype, quantize)
     tokenizer = loaded.require_tokenizer()
     ids = tokenizer.encode_chat([{"role": "user", "content": content}]) if chat else tokenizer.encode(content)
     generated: list[int] = []
@@ -172,6 +181,14 @@ def info(
         )
         * context,
     }
+    if model not in VARIANTS and model.startswith("gguf:"):
+        from gemstill.checkpoints.gguf_file import open_gguf
+
+        reader = open_gguf(model.partition(":")[2])
+        for tensor in reader.tensors:  # the bytes the weights take in the file (and packed, in memory)
+            key = f"weight_bytes_{tensor.tensor_type.name.lower()}"
+            figures[key] = figures.get(key, 0) + int(tensor.n_bytes)
+        figures["weight_bytes_in_file"] = sum(int(t.n_bytes) for t in reader.tensors)
     if as_json:
         print(json.dumps({"model": model, "config": config.to_dict(), "params": counts, "memory": figures}))
         return
@@ -183,6 +200,46 @@ def info(
     for key, value in figures.items():
         table.add_row(key, human(value))
     Console().print(table)
+
+
+@app.command()
+def export(
+    model: ModelOpt,
+    format_: Annotated[str, typer.Option("--format", help="hf, gguf or orbax")],
+    out: Annotated[Path, typer.Option(help="the export directory to create")],
+    quant: Annotated[
+        str | None, typer.Option(help="hf: f32|f16|bf16; gguf: f32|f16|bf16|q8_0|q4_0; orbax: f32|bf16")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out")] = False,
+    keep_embedding: Annotated[
+        bool, typer.Option(help="gguf q8_0/q4_0: keep the tied embedding / LM head in f32")
+    ] = False,
+) -> None:
+    """Export a model: a Hugging Face directory, a llama.cpp GGUF (in OUT/model.gguf) or a native checkpoint.
+
+    The export is written beside OUT and renamed into place, with a model card (README.md); nothing is left
+    behind on failure.
+    """
+    from gemstill.export import ModelCard, check_request, export_model
+    from gemstill.loading import load_checkpoint
+    from gemstill.params import count_params
+
+    chosen = check_request(format_, quant)  # refuse a bad request before loading anything
+    if out.exists() and not overwrite:
+        raise GemstillError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    with err.status(f"loading {model}"):
+        config, flat, tokenizer = load_checkpoint(model)
+    card = ModelCard(
+        title=f"{model} exported by gemstill",
+        facts=(
+            ("source", model),
+            ("architecture", f"Gemma 3, {config.num_layers} layers, width {config.embed_dim}"),
+            ("parameters", f"{count_params(config)['total']:,}"),
+        ),
+    )
+    with err.status(f"writing {out}"):
+        export_model(config, flat, tokenizer, format_, out, chosen, card, overwrite, not keep_embedding)
+    print(out)
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, str]:

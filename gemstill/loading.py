@@ -54,13 +54,16 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return scheme, location
 
 
-def load_checkpoint(spec: str) -> tuple[Gemma3Config, dict[str, Any], Tokenizer | None]:
-    """Config, flat parameters and tokenizer of a spec, without building the model."""
+def load_checkpoint(spec: str, packed: bool = False) -> tuple[Gemma3Config, dict[str, Any], Tokenizer | None]:
+    """Config, flat parameters and tokenizer of a spec, without building the model.
+
+    packed: Q8_0/Q4_0 tensors of a GGUF stay quantized in memory (gemstill.quant.PackedWeight).
+    """
     scheme, location = parse_spec(spec)
     if scheme == "alias":
         return load_checkpoint(f"orbax:{ensure_gemma3_270m()}")
     if scheme == "gguf":
-        config, flat, reader = load_gguf(location)
+        config, flat, reader = load_gguf(location, packed=packed)
         return (
             config,
             flat,
@@ -123,9 +126,23 @@ def spec_identity(spec: str) -> dict[str, Any]:
     return {"spec": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def load_model(spec: str, param_dtype: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Resolve a spec to a runnable model; dtypes override the checkpoint's (params and compute separately)."""
-    config, flat, tokenizer = load_checkpoint(spec)
+def load_model(
+    spec: str,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    packed: bool = False,
+    quantize: str | None = None,
+) -> LoadedModel:
+    """Resolve a spec to a runnable model; dtypes override the checkpoint's (params and compute separately).
+
+    packed: a GGUF's Q8_0/Q4_0 weights stay quantized in memory. quantize (int8, q8_0, q4_0): quantize every
+    linear layer and the embedding on load and keep them packed (round to nearest, as the quantize stage does).
+    """
+    from gemstill.quant import check_format, packed_params
+
+    config, flat, tokenizer = load_checkpoint(spec, packed=packed or quantize is not None)
+    if quantize is not None:
+        flat = packed_params(config, flat, check_format(quantize), include_embedding=True)
     config = config.replace(param_dtype=param_dtype or config.param_dtype, dtype=dtype or config.dtype)
     return LoadedModel(spec=spec, config=config, model=from_flat(config, flat, spec), tokenizer=tokenizer)
 

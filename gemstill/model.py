@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemstill.config import Gemma3Config
+from gemstill.quant import PackedWeight
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows (padding) stay NaN-free
 
@@ -64,6 +65,15 @@ def attention_mask(
         keys = segments if key_segments is None else key_segments
         mask &= segments[:, :, None] == keys[:, None, :]
     return mask
+
+
+def weight(param: nnx.Param, dtype: Any) -> jax.Array:
+    """A parameter's array in `dtype`; a PackedWeight (a quantized checkpoint) is dequantized here, inside the
+    jitted pass, so only one layer's float weights exist at a time."""
+    value = param.get_value()
+    if isinstance(value, PackedWeight):
+        value = value.dequantize()
+    return value.astype(dtype)
 
 
 def _lecun(fan_in: int) -> nnx.Initializer:
@@ -154,9 +164,9 @@ class Attention(nnx.Module):
         attention_impl: str | None = None,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
         dtype = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dtype))
+        q = jnp.einsum("btd,dnh->btnh", x, weight(self.q_proj, dtype))
+        k = jnp.einsum("btd,dkh->btkh", x, weight(self.k_proj, dtype))
+        v = jnp.einsum("btd,dkh->btkh", x, weight(self.v_proj, dtype))
         q = apply_rope(self.q_norm(q), positions, self.rope_base, self.rope_scale)
         k = apply_rope(self.k_norm(k), positions, self.rope_base, self.rope_scale)
         q = q * jnp.asarray(self.query_scale, dtype)
@@ -185,7 +195,7 @@ class Attention(nnx.Module):
                 softcap=self.softcap,
                 implementation=attention_impl,
             )
-            return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype)), None, None
+            return jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, dtype)), None, None
         kv_heads = keys.shape[2]
         grouped = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
         logits = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32)
@@ -195,7 +205,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), values).reshape(batch, steps, heads, head_dim)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+        out = jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, dtype))
         head_probs = probs.reshape(batch, heads, steps, -1) if return_probs else None
         return out, new_cache, head_probs
 
@@ -211,8 +221,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jax.nn.gelu(x @ self.gate[...].astype(dtype), approximate=True)
-        return (gate * (x @ self.up[...].astype(dtype))) @ self.down[...].astype(dtype)
+        gate = jax.nn.gelu(x @ weight(self.gate, dtype), approximate=True)
+        return (gate * (x @ weight(self.up, dtype))) @ weight(self.down, dtype)
 
 
 class Block(nnx.Module):
@@ -264,11 +274,13 @@ class Gemma3(nnx.Module):
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         dtype = self.config.jnp_dtype
-        return self.embedding[...][tokens].astype(dtype) * jnp.asarray(self.config.embed_scale, dtype)
+        table = self.embedding.get_value()
+        rows = table.rows(tokens) if isinstance(table, PackedWeight) else table[tokens]
+        return rows.astype(dtype) * jnp.asarray(self.config.embed_scale, dtype)
 
     def logits(self, final_hidden: jax.Array) -> jax.Array:
         """The tied LM head, in float32 (with the final soft cap when configured)."""
-        table = self.embedding[...].astype(final_hidden.dtype)
+        table = weight(self.embedding, final_hidden.dtype)
         logits = jnp.einsum("btd,vd->btv", final_hidden, table, preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcap
         return logits if cap is None else jnp.tanh(logits / cap) * cap

@@ -12,6 +12,7 @@ from flax import nnx
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3, abstract_model
+from gemstill.quant import PackedWeight
 
 LAYER_PARAMS = (
     "pre_attn_norm.scale",
@@ -75,7 +76,8 @@ def check_flat(config: Gemma3Config, flat: Mapping[str, object], source: str) ->
     if extra:
         raise GemstillError(f"{source}: unexpected parameter {extra[0]}; the checkpoint does not match its config")
     for name, shape in shapes.items():
-        got = tuple(np.shape(flat[name]))
+        value = flat[name]
+        got = value.shape if isinstance(value, PackedWeight) else tuple(np.shape(value))
         if got != shape:
             raise GemstillError(
                 f"{source}: parameter {name} has shape {got}, the config needs {shape}; "
@@ -90,7 +92,8 @@ def from_flat(config: Gemma3Config, flat: Mapping[str, object], source: str = "c
     dtype = config.jnp_param_dtype
     state = nnx.state(model, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
-        variable.set_value(jnp.asarray(flat[".".join(str(p) for p in path)], dtype=dtype))
+        value = flat[".".join(str(p) for p in path)]
+        variable.set_value(value if isinstance(value, PackedWeight) else jnp.asarray(value, dtype=dtype))
     nnx.update(model, state)
     return model
 

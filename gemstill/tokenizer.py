@@ -7,6 +7,7 @@ same GGUF (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`), which the tests
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +52,19 @@ MODEL_FILENAME = "tokenizer.model"
 BOS = "<bos>"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+# Gemma 3's chat format as a Jinja template (what apply_chat_template writes), for exported tokenizers
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 Message = Mapping[str, str]
 """A chat message: {"role": "system" | "user" | "model" | "assistant", "content": text}."""
 _ROLES = {"system": "system", "user": "user", "model": "model", "assistant": "model"}
@@ -256,6 +270,55 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append(f"{START_OF_TURN}model\n")
         return "".join(parts)
+
+    def gguf_fields(self) -> dict[str, Any]:
+        """The tokenizer.ggml.* metadata llama.cpp reads (the inverse of from_gguf_metadata), with the chat template.
+
+        Whitespace-run pieces go back to llama.cpp's convention (real spaces, user-defined), as in Google's GGUF.
+        """
+        proto = sp_pb2.ModelProto.FromString(self._model_proto)
+        codes = {piece_type: code for code, piece_type in _GGUF_PIECE_TYPES.items()}
+        tokens, scores, types = [], [], []
+        for piece in proto.pieces:
+            text, code = piece.piece, codes[piece.type]
+            if len(text) > 1 and not text.strip("▁"):
+                text, code = " " * len(text), 4
+            tokens.append(text)
+            scores.append(float(piece.score))
+            types.append(code)
+        trainer = proto.trainer_spec
+        return {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": trainer.bos_id,
+            "tokenizer.ggml.eos_token_id": trainer.eos_id,
+            "tokenizer.ggml.unknown_token_id": trainer.unk_id,
+            "tokenizer.ggml.padding_token_id": trainer.pad_id,
+            "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_eos_token": False,
+            "tokenizer.ggml.add_space_prefix": False,
+            "tokenizer.chat_template": CHAT_TEMPLATE,
+        }
+
+    def hf_files(self) -> dict[str, bytes]:
+        """Files that let `AutoTokenizer.from_pretrained(dir)` load this tokenizer with no extra arguments."""
+        piece = self._sp.id_to_piece
+        config = {
+            "tokenizer_class": "GemmaTokenizer",
+            "bos_token": piece(self.bos_id),
+            "eos_token": piece(self.eos_id),
+            "unk_token": piece(self.unk_id),
+            "pad_token": piece(self.pad_id),
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False,
+            "model_max_length": 1_000_000,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        return {MODEL_FILENAME: self._model_proto, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
 
     def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Ids for `apply_chat_template(messages)`, with the template's own `<bos>` and no second one."""

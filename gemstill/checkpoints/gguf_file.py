@@ -12,6 +12,15 @@ import numpy as np
 from gemstill.checkpoints.names import from_hf_layout, is_norm, name_table, to_hf_layout
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
+from gemstill.quant import (
+    GGUF_FORMATS,
+    PackedWeight,
+    check_params,
+    float_array,
+    from_gguf_blocks,
+    quantize_numpy,
+    to_gguf_blocks,
+)
 
 ARCH = "gemma3"
 # not read by llama.cpp (it derives the 27B query scale from the size); lets custom students round-trip exactly
@@ -87,8 +96,25 @@ def _tensor_rows(reader: gguf.GGUFReader, name: str) -> int:
     raise GemstillError(f"GGUF has no tensor {name}; the file is incomplete or not a Gemma 3 checkpoint")
 
 
-def load_gguf(path: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray], gguf.GGUFReader]:
-    """Config, our-layout float32 parameters and the reader (for the tokenizer metadata) of a GGUF file."""
+# GGUF storage types by export name; q8_0/q4_0 blocks come from gemstill.quant, bf16 from gguf-py
+QUANT_TYPES = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+}
+_PACKABLE = {gguf.GGMLQuantizationType.Q8_0: "q8_0", gguf.GGMLQuantizationType.Q4_0: "q4_0"}
+
+
+def load_gguf(
+    path: str | Path, packed: bool = False
+) -> tuple[Gemma3Config, dict[str, np.ndarray | PackedWeight], gguf.GGUFReader]:
+    """Config, our-layout parameters and the reader (for the tokenizer metadata) of a GGUF file.
+
+    Weights are dequantized to float32, except with `packed`: Q8_0 and Q4_0 tensors then stay quantized in memory
+    (PackedWeight, dequantized layer by layer inside the forward pass); other types are still dequantized.
+    """
     reader = open_gguf(path)
     source = f"gguf:{path}"
     try:
@@ -96,11 +122,18 @@ def load_gguf(path: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray], gg
     except TypeError:
         raise GemstillError(f"{source}: gemma3.* metadata incomplete; the file is not a usable Gemma 3 GGUF") from None
     tensors = {t.name: t for t in reader.tensors}
-    flat = {}
+    flat: dict[str, np.ndarray | PackedWeight] = {}
     for ours, (_, gguf_name) in name_table(config).items():
         tensor = tensors.get(gguf_name)
         if tensor is None:
             raise GemstillError(f"{source}: tensor {gguf_name} missing; the file is incomplete or not Gemma 3")
+        if packed and tensor.tensor_type in _PACKABLE and not is_norm(ours):
+            rows, features = _hf_shape(ours, config)
+            fmt = _PACKABLE[tensor.tensor_type]
+            codes, scales = from_gguf_blocks(tensor.data, fmt, rows, features)
+            shape = from_hf_layout(ours, np.empty((rows, features), np.int8), config).shape
+            flat[ours] = PackedWeight.pack(codes, scales, fmt, ours.rsplit(".", 1)[-1], shape)
+            continue
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         except NotImplementedError:
@@ -137,14 +170,24 @@ def save_gguf(
     config: Gemma3Config,
     flat: dict[str, Any],
     tokenizer_fields: dict[str, Any] | None = None,
-    quant: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    quant: str = "f32",
     name: str = "gemstill model",
+    quantize_embedding: bool = True,
 ) -> Path:
-    """Write a GGUF that llama.cpp and transformers load: F32 norms, weights in `quant` (F32, F16, Q8_0, ...)."""
+    """Write a GGUF that llama.cpp and transformers load, atomically: F32 norms, weights stored as `quant`.
+
+    quant: f32, f16, bf16, or the block formats q8_0 / q4_0 (gemstill.quant's blocks, byte-exact with ggml's).
+    With a block format and quantize_embedding False, the tied embedding stays F32.
+    """
+    if quant not in QUANT_TYPES:
+        raise GemstillError(f"unknown GGUF quantization {quant!r}; use one of {list(QUANT_TYPES)}")
+    if quant in GGUF_FORMATS:
+        check_params(config, quant, quantize_embedding)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(str(tmp), ARCH)
     writer.add_name(name)
+    writer.add_file_type(_FILE_TYPES[quant])
     writer.add_context_length(config.max_context)
     writer.add_embedding_length(config.embed_dim)
     writer.add_block_count(config.num_layers)
@@ -163,22 +206,38 @@ def save_gguf(
     writer.add_float32(_LOCAL_ROPE_KEY, float(config.local_rope_base))
     for key, value in (tokenizer_fields or {}).items():
         _add_field(writer, key, value)
-    for ours, (_, gguf_name) in name_table(config).items():
-        array = to_hf_layout(ours, np.asarray(flat[ours], dtype=np.float32), config)
-        if is_norm(ours):
-            writer.add_tensor(gguf_name, array + 1.0)
-        elif quant in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            writer.add_tensor(
-                gguf_name, array.astype(np.float16 if quant == gguf.GGMLQuantizationType.F16 else np.float32)
-            )
-        else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, quant), raw_dtype=quant)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)  # the partial file sits beside the target, so the rename is atomic
+    try:
+        for ours, (_, gguf_name) in name_table(config).items():
+            array = to_hf_layout(ours, float_array(flat[ours]), config)
+            kind = "f32" if is_norm(ours) or (ours == "embedding" and not quantize_embedding) else quant
+            if is_norm(ours):
+                writer.add_tensor(gguf_name, array + 1.0)
+            elif kind in ("f32", "f16"):
+                writer.add_tensor(gguf_name, array.astype(np.float16 if kind == "f16" else np.float32))
+            elif kind == "bf16":
+                writer.add_tensor(
+                    gguf_name, gguf.quants.quantize(array, QUANT_TYPES[kind]), raw_dtype=QUANT_TYPES[kind]
+                )
+            else:
+                blocks = to_gguf_blocks(*quantize_numpy(array, kind), kind)
+                writer.add_tensor(gguf_name, blocks, raw_dtype=QUANT_TYPES[kind])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)  # the partial file sits beside the target, so the rename is atomic
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+_FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+}
 
 
 def _add_field(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -14,6 +15,7 @@ from gemstill.checkpoints.names import from_hf_layout, name_table, to_hf_layout
 from gemstill.config import VOCAB_SIZE, Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_dir
+from gemstill.quant import float_array
 
 _TEXT_MODEL_TYPES = ("gemma3_text", "gemma3")
 # where the text decoder's tensors live, by checkpoint generation
@@ -162,14 +164,24 @@ def load_hf(directory: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]
     return config, flat
 
 
-def save_hf(directory: str | Path, config: Gemma3Config, flat: dict[str, Any]) -> Path:
+def save_hf(directory: str | Path, config: Gemma3Config, flat: dict[str, Any], dtype: str | None = None) -> Path:
     """Write config.json and model.safetensors that transformers' Gemma3ForCausalLM loads; atomic as a directory."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
-        tensors = {
-            hf_name: np.ascontiguousarray(to_hf_layout(ours, np.asarray(flat[ours]), config))
-            for ours, (hf_name, _) in name_table(config).items()
-        }
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_hf(tmp, config, flat, dtype or config.param_dtype)
     return directory
+
+
+_SAFETENSORS_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def write_hf(directory: Path, config: Gemma3Config, flat: dict[str, Any], dtype: str = "float32") -> None:
+    """config.json and model.safetensors (weights stored in `dtype`) into an existing (scratch) directory."""
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config.replace(param_dtype=dtype)), indent=2))
+    tensors = {
+        hf_name: np.ascontiguousarray(
+            to_hf_layout(ours, float_array(flat[ours]), config).astype(_SAFETENSORS_DTYPES[dtype])
+        )
+        for ours, (hf_name, _) in name_table(config).items()
+    }
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

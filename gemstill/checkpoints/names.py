@@ -58,12 +58,20 @@ def to_hf_layout(ours: str, array: np.ndarray, config: Gemma3Config) -> np.ndarr
 
 def from_hf_layout(ours: str, array: np.ndarray, config: Gemma3Config) -> np.ndarray:
     """HF's [out, in] array -> our layout (the inverse of to_hf_layout)."""
-    kind = _kind(ours)
     d, h = config.embed_dim, config.head_dim
+    return hf_to_ours(_kind(ours), array, (d, -1, h) if _kind(ours) in ("q_proj", "k_proj", "v_proj") else (-1, h, d))
+
+
+def hf_to_ours(kind: str, array, shape: tuple[int, ...]):
+    """HF's [out, in] array (numpy or jax) -> our layout of the given shape, for a parameter kind.
+
+    q/k/v_proj ours (D, heads, H); o_proj ours (heads, H, D); gate/up/down ours [in, out]; the rest unchanged.
+    """
     if kind in ("q_proj", "k_proj", "v_proj"):
+        d, _, h = shape
         return array.reshape(-1, h, d).transpose(2, 0, 1)
     if kind == "o_proj":
-        return array.T.reshape(-1, h, d)
+        return array.T.reshape(shape)
     if kind in ("gate", "up", "down"):
         return array.T
     return array

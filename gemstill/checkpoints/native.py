@@ -46,13 +46,18 @@ def save_native(
     """Write a complete checkpoint directory, atomically (readers never see a partial one)."""
     directory = Path(directory).absolute()
     with atomic_dir(directory) as tmp:
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": config.to_dict()}, indent=2))
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / "params", _nest(dict(flat)))
-            checkpointer.wait_until_finished()
-        if tokenizer_model is not None:
-            (tmp / "tokenizer.model").write_bytes(tokenizer_model)
+        write_native(tmp, config, flat, tokenizer_model)
     return directory
+
+
+def write_native(directory: Path, config: Gemma3Config, flat: dict[str, Any], tokenizer_model: bytes | None) -> None:
+    """The checkpoint's files into an existing (scratch) directory."""
+    (directory / "config.json").write_text(json.dumps({"format": FORMAT, "model": config.to_dict()}, indent=2))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(directory).absolute() / "params", _nest(dict(flat)))
+        checkpointer.wait_until_finished()
+    if tokenizer_model is not None:
+        (directory / "tokenizer.model").write_bytes(tokenizer_model)
 
 
 def read_native_config(directory: Path) -> Gemma3Config:

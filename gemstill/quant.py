@@ -1,0 +1,290 @@
+"""The one quantizer: int8 per output channel and llama.cpp's GGUF block formats Q8_0 and Q4_0.
+
+Every format works on a weight in Hugging Face's [out, in] layout (the layout GGUF stores), quantizing each
+row along the input dimension:
+
+  int8  one float32 scale per row, codes in [-127, 127]:  w ~= code * amax(row) / 127
+  q8_0  blocks of 32 inputs, one fp16 scale d = amax / 127, codes round-half-away(w / d) in [-127, 127]
+  q4_0  blocks of 32 inputs, one fp16 scale d = (signed value of largest |w|) / -8,
+        codes trunc(w / d + 8.5) clipped to [0, 15], value d * (code - 8)
+
+The arithmetic is gguf-py's (`gguf.quants.Q8_0` / `Q4_0`, itself bit-exact with ggml-quants.c), step for step in
+float32, so `quantize` gives the very bytes llama.cpp writes and `dequantize` the very weights it computes with;
+the tests check both against gguf-py on random and real weights. `fake_quant` is the same round trip as a
+differentiable function with a straight-through gradient: the QAT forward pass sees exactly the deployed
+weights. Because a dequantized weight lies on its own grid, quantizing it again returns the same codes
+(idempotence, tested), so exporting a QAT student in its format loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+
+BLOCK = 32  # inputs per scale in Q8_0 and Q4_0
+FORMATS = ("int8", "q8_0", "q4_0")
+GGUF_FORMATS = ("q8_0", "q4_0")
+# our parameter-name suffixes of the linear layers (every matmul weight but the tied embedding)
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
+_ROWS_PER_CALL = 8192  # rows quantized per jitted call: bounds the float32 temporaries of a 262k-row embedding
+
+
+def check_format(name: str) -> str:
+    if name not in FORMATS:
+        raise GemstillError(f"unknown quantization format {name!r}; use one of {list(FORMATS)}")
+    return name
+
+
+def _round_half_away(x: jax.Array) -> jax.Array:
+    """gguf-py's np_roundf: |x| rounded half away from zero, sign restored, with its own float32 steps."""
+    a = jnp.abs(x)
+    floored = jnp.floor(a)
+    return jnp.sign(x) * (floored + jnp.floor(2 * (a - floored)))
+
+
+def _safe_inverse(d: jax.Array) -> jax.Array:
+    return jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
+
+
+def _codes_q8_0(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / jnp.float32(127)
+    codes = _round_half_away(blocks * _safe_inverse(d))
+    return codes.astype(jnp.int8), d[..., 0].astype(jnp.float16)
+
+
+def _codes_q4_0(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    index = jnp.argmax(jnp.abs(blocks), axis=-1)[..., None]
+    signed_max = jnp.take_along_axis(blocks, index, axis=-1)
+    d = signed_max / jnp.float32(-8)
+    shifted = jnp.trunc(blocks * _safe_inverse(d) + jnp.float32(8.5))
+    codes = jnp.clip(shifted, 0, 15).astype(jnp.int8) - 8  # gguf-py casts to uint8 first: the same for 0..16
+    return codes, d[..., 0].astype(jnp.float16)
+
+
+def _codes_int8(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    scale = jnp.max(jnp.abs(rows), axis=-1, keepdims=True) / jnp.float32(127)
+    codes = jnp.clip(jnp.round(rows * _safe_inverse(scale)), -127, 127)
+    return codes.astype(jnp.int8), scale[..., 0]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def codes_and_scales(w: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
+    """w [rows, in] -> (int8 codes [rows, in], scales [rows, in / 32] fp16; for int8 [rows] float32)."""
+    w = w.astype(jnp.float32)
+    if fmt == "int8":
+        return _codes_int8(w)
+    rows, features = w.shape
+    blocks = w.reshape(rows, features // BLOCK, BLOCK)
+    codes, scales = (_codes_q8_0 if fmt == "q8_0" else _codes_q4_0)(blocks)
+    return codes.reshape(rows, features), scales
+
+
+def dequantize_codes(codes: jax.Array, scales: jax.Array, fmt: str) -> jax.Array:
+    """float32 weights from codes and scales (exact products: an fp16 scale times a small integer)."""
+    if fmt == "int8":
+        return codes.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
+    rows, features = codes.shape
+    blocks = codes.reshape(rows, features // BLOCK, BLOCK).astype(jnp.float32)
+    return (blocks * scales[..., None].astype(jnp.float32)).reshape(rows, features)
+
+
+def check_shape(name: str, shape: tuple[int, ...], fmt: str) -> None:
+    """Refuse a weight whose rows do not split into 32-value blocks, naming it (no silent f16 fallback)."""
+    if fmt in GGUF_FORMATS and shape[-1] % BLOCK:
+        raise GemstillError(
+            f"tensor {name} has rows of {shape[-1]} values, not a multiple of {fmt.upper()}'s {BLOCK}-value block, "
+            f"so it cannot be stored in {fmt}; it is refused, not kept in f16: choose widths that are multiples "
+            f"of {BLOCK}, or export with --quant f16"
+        )
+
+
+def fake_quant(w: jax.Array, fmt: str) -> jax.Array:
+    """Quantize-dequantize w [rows, in] in `fmt`, with a straight-through (identity) gradient."""
+    return w + jax.lax.stop_gradient(_roundtrip(w, fmt).astype(w.dtype) - w)
+
+
+def _roundtrip(w: jax.Array, fmt: str) -> jax.Array:
+    codes, scales = codes_and_scales(w, fmt)
+    return dequantize_codes(codes, scales, fmt)
+
+
+def quantize_numpy(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and scales of a host array, computed in row chunks so a 262k x 640 embedding stays cheap."""
+    w = np.asarray(w, np.float32)
+    parts = [codes_and_scales(jnp.asarray(w[i : i + _ROWS_PER_CALL]), fmt) for i in range(0, len(w), _ROWS_PER_CALL)]
+    return (
+        np.concatenate([np.asarray(c) for c, _ in parts]),
+        np.concatenate([np.asarray(s) for _, s in parts]),
+    )
+
+
+def dequantize_numpy(w: np.ndarray, fmt: str) -> np.ndarray:
+    """The float32 weight a host array becomes in `fmt`: what the deployed model computes with."""
+    codes, scales = quantize_numpy(w, fmt)
+    return np.asarray(dequantize_codes(jnp.asarray(codes), jnp.asarray(scales), fmt))
+
+
+def to_gguf_blocks(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """GGUF block bytes [rows, blocks * bytes per block] (uint8), as ggml lays them out."""
+    rows, features = codes.shape
+    blocks = codes.reshape(rows * features // BLOCK, BLOCK)
+    d = scales.reshape(-1, 1).astype(np.float16).view(np.uint8)
+    if fmt == "q8_0":
+        body = blocks.astype(np.int8).view(np.uint8)
+    elif fmt == "q4_0":
+        unsigned = (blocks + 8).astype(np.uint8)  # element j in the low nibble of byte j, j + 16 in the high one
+        body = unsigned[:, : BLOCK // 2] | (unsigned[:, BLOCK // 2 :] << np.uint8(4))
+    else:
+        raise GemstillError(f"format {fmt!r} has no GGUF block layout; use q8_0 or q4_0")
+    return np.concatenate([d, body], axis=1).reshape(rows, -1)
+
+
+def from_gguf_blocks(raw: np.ndarray, fmt: str, rows: int, features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and fp16 scales of GGUF block bytes (the inverse of to_gguf_blocks)."""
+    blocks = np.asarray(raw, np.uint8).reshape(rows * features // BLOCK, -1)
+    scales = blocks[:, :2].copy().view(np.float16).reshape(rows, features // BLOCK)
+    body = blocks[:, 2:]
+    if fmt == "q8_0":
+        return body.view(np.int8).reshape(rows, features), scales
+    codes = np.concatenate([body & 0x0F, body >> 4], axis=1).astype(np.int8) - 8
+    return codes.reshape(rows, features), scales
+
+
+def _unpack_nibbles(codes: jax.Array, fmt: str) -> jax.Array:
+    """int8 codes [rows, in] from PackedWeight storage (q4_0 holds columns j and j + in/2 in one byte)."""
+    if fmt != "q4_0":
+        return codes
+    low = (codes & 0x0F).astype(jnp.int8) - 8
+    high = ((codes >> 4) & 0x0F).astype(jnp.int8) - 8
+    return jnp.concatenate([low, high], axis=-1)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["codes", "scales"], meta_fields=["fmt", "kind", "shape"]
+)
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A weight kept quantized in memory: HF-layout codes [rows, in] (int8; q4_0 packs two per byte) and scales.
+
+    `dequantize` rebuilds the float weight in our layout inside the jitted forward pass, one layer at a time, so
+    a loaded model never holds a float32 copy of its weights; `rows` dequantizes only the embedding rows looked up.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    fmt: str
+    kind: str  # our parameter kind (q_proj, o_proj, gate, embedding, ...): how HF's layout maps to ours
+    shape: tuple[int, ...]  # our layout
+
+    @classmethod
+    def pack(cls, codes: np.ndarray, scales: np.ndarray, fmt: str, kind: str, shape: tuple[int, ...]) -> PackedWeight:
+        if fmt == "q4_0":
+            half = codes.shape[1] // 2
+            unsigned = (np.asarray(codes) + 8).astype(np.uint8)
+            codes = unsigned[:, :half] | (unsigned[:, half:] << np.uint8(4))
+        return cls(jnp.asarray(codes), jnp.asarray(scales), fmt, kind, tuple(int(n) for n in shape))
+
+    def dequantize(self) -> jax.Array:
+        """The float32 weight in our layout."""
+        from gemstill.checkpoints.names import hf_to_ours
+
+        hf = dequantize_codes(_unpack_nibbles(self.codes, self.fmt), self.scales, self.fmt)
+        return hf_to_ours(self.kind, hf, self.shape)
+
+    def rows(self, ids: jax.Array) -> jax.Array:
+        """float32 rows ids of a [rows, in] weight (the embedding lookup), leaving the other rows packed."""
+        codes = self.codes[ids].reshape(-1, self.codes.shape[-1])
+        scales = self.scales[ids].reshape(codes.shape[0], *self.scales.shape[1:])
+        values = dequantize_codes(_unpack_nibbles(codes, self.fmt), scales, self.fmt)
+        return values.reshape(*ids.shape, values.shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
+
+
+def float_array(value: Any) -> np.ndarray:
+    """A parameter as a float32 host array, whether it is an array or a PackedWeight."""
+    if isinstance(value, PackedWeight):
+        value = value.dequantize()
+    return np.asarray(value, np.float32)
+
+
+def is_quantized_name(name: str, include_embedding: bool) -> bool:
+    """Whether a parameter is quantized: every linear layer, and the tied embedding / LM head when asked."""
+    kind = name.rsplit(".", 1)[-1]
+    return kind in LINEAR_KINDS or (include_embedding and name == "embedding")
+
+
+def check_params(config: Gemma3Config, fmt: str, include_embedding: bool) -> None:
+    """Refuse, before any work, a model whose quantized weights do not split into blocks (names the tensor)."""
+    from gemstill.params import expected_shapes
+
+    for name, shape in expected_shapes(config).items():
+        if is_quantized_name(name, include_embedding):
+            check_shape(gguf_name(config, name), hf_shape(config, name, shape), fmt)
+
+
+def gguf_name(config: Gemma3Config, name: str) -> str:
+    from gemstill.checkpoints.names import name_table
+
+    return name_table(config)[name][1]
+
+
+def hf_shape(config: Gemma3Config, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The [out, in] shape HF and GGUF store a weight of our shape in."""
+    from gemstill.checkpoints.names import to_hf_layout
+
+    return jax.eval_shape(lambda a: to_hf_layout(name, a, config), jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+
+
+def quantized_params(
+    config: Gemma3Config, flat: Mapping[str, Any], fmt: str, include_embedding: bool
+) -> dict[str, np.ndarray]:
+    """Post-training round-to-nearest: float32 params (our layout) whose quantized weights lie on fmt's grid."""
+    from gemstill.checkpoints.names import from_hf_layout, to_hf_layout
+
+    check_params(config, fmt, include_embedding)
+    out = {}
+    for name, value in flat.items():
+        value = np.asarray(value, np.float32)
+        if is_quantized_name(name, include_embedding):
+            value = from_hf_layout(name, dequantize_numpy(to_hf_layout(name, value, config), fmt), config)
+        out[name] = value
+    return out
+
+
+def packed_params(config: Gemma3Config, flat: Mapping[str, Any], fmt: str, include_embedding: bool) -> dict[str, Any]:
+    """Params with every quantized weight kept packed (PackedWeight) for inference; the rest unchanged."""
+    from gemstill.checkpoints.names import to_hf_layout
+
+    check_params(config, fmt, include_embedding)
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        if is_quantized_name(name, include_embedding) and not isinstance(value, PackedWeight):
+            codes, scales = quantize_numpy(to_hf_layout(name, np.asarray(value, np.float32), config), fmt)
+            value = PackedWeight.pack(codes, scales, fmt, name.rsplit(".", 1)[-1], np.shape(value))
+        out[name] = value
+    return out
+
+
+def fake_quant_params(
+    config: Gemma3Config, params: Mapping[str, jax.Array], fmt: str, include_embedding: bool
+) -> dict[str, jax.Array]:
+    """Our-layout params with every quantized weight fake-quantized (QAT's forward pass; identity gradient)."""
+    from gemstill.checkpoints.names import from_hf_layout, to_hf_layout
+
+    out = dict(params)
+    for name, value in params.items():
+        if is_quantized_name(name, include_embedding):
+            out[name] = from_hf_layout(name, fake_quant(to_hf_layout(name, value, config), fmt), config)
+    return out
