@@ -12,16 +12,16 @@ import dataclasses
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from gemstill.checkpoints.gguf_file import save_gguf
-from gemstill.checkpoints.hf import write_hf
-from gemstill.checkpoints.native import write_native
+from pydantic import BaseModel, ConfigDict, model_validator
+
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_dir
-from gemstill.quant import float_array
-from gemstill.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gemstill.tokenizer import Tokenizer
 
 # per export format, the storage types it offers (the first is the default)
 QUANTS: dict[str, tuple[str, ...]] = {
@@ -39,6 +39,37 @@ SCRATCH_TERMS = (
     "The teacher was trained from scratch by gemstill; no third-party weights are included. The license of the "
     "training data applies."
 )
+
+
+class ExportTarget(BaseModel):
+    """One export the pipeline's export stage writes (profile section `export:`, a list of these)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["hf", "gguf", "orbax"]
+    quant: str | None = None  # default: the format's first (f32)
+    # auto: the QAT student of this quant when the qat stage trained one, else the fp32 student
+    source: Literal["auto", "student", "qat"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportTarget:
+        try:
+            self.quant = check_request(self.format, self.quant)
+        except GemstillError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}-{self.quant}"
+
+
+def default_exports() -> list[ExportTarget]:
+    """What the export stage writes unless the profile says otherwise: HF (fp32), GGUF q8_0 and GGUF q4_0."""
+    return [
+        ExportTarget(format="hf"),
+        ExportTarget(format="gguf", quant="q8_0"),
+        ExportTarget(format="gguf", quant="q4_0"),
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +154,10 @@ def export_model(
     quantize_embedding: bool = True,
 ) -> Path:
     """Write the export directory `out` (refused if it exists, unless overwrite) and return it."""
+    from gemstill.checkpoints.gguf_file import check_llama_cpp, save_gguf
+    from gemstill.checkpoints.hf import write_hf
+    from gemstill.checkpoints.native import write_native
+
     quant = check_request(fmt, quant)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -131,6 +166,8 @@ def export_model(
         raise GemstillError(
             f"the model carries no tokenizer, and a {fmt} export needs one; add tokenizer.model beside its weights"
         )
+    if fmt == "gguf":
+        check_llama_cpp(config)
     card = card or ModelCard(title=f"gemstill export ({config.num_layers} layers)")
     with atomic_dir(out) as tmp:
         if fmt == "hf":
@@ -163,6 +200,8 @@ def export_model(
 
 def _cast(flat: Mapping[str, Any], quant: str) -> dict[str, Any]:
     import ml_dtypes
+
+    from gemstill.quant import float_array
 
     dtype = ml_dtypes.bfloat16 if quant == "bf16" else "float32"
     return {name: float_array(value).astype(dtype) for name, value in flat.items()}

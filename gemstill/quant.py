@@ -29,6 +29,7 @@ import numpy as np
 
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
+from gemstill.kernels.quant_matmul import quantize_int8
 
 BLOCK = 32  # inputs per scale in Q8_0 and Q4_0
 FORMATS = ("int8", "q8_0", "q4_0")
@@ -55,36 +56,54 @@ def _safe_inverse(d: jax.Array) -> jax.Array:
     return jnp.where(d == 0, 0.0, 1.0 / jnp.where(d == 0, 1.0, d))
 
 
-def _codes_q8_0(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
-    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / jnp.float32(127)
+def _materialized(divisor: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The divisor as a real array: XLA turns a division by any broadcast scalar (even a traced one) into a
+    multiplication by its rounded reciprocal, which moves some scales by one ulp and breaks ties unlike ggml."""
+    return jax.lax.optimization_barrier(jnp.broadcast_to(divisor, shape))
+
+
+def _unfused(product: jax.Array) -> jax.Array:
+    """The product as a value of its own, rounded once: a select the compiler cannot resolve stands between it and
+    the next addition, so LLVM cannot contract the two into one fused multiply-add (ggml rounds twice)."""
+    return jnp.where(product == product, product, jnp.zeros_like(product))
+
+
+def _codes_q8_0(blocks: jax.Array, divisor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    d = amax / _materialized(divisor, amax.shape)
     codes = _round_half_away(blocks * _safe_inverse(d))
     return codes.astype(jnp.int8), d[..., 0].astype(jnp.float16)
 
 
-def _codes_q4_0(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _codes_q4_0(blocks: jax.Array, divisor: jax.Array) -> tuple[jax.Array, jax.Array]:
     index = jnp.argmax(jnp.abs(blocks), axis=-1)[..., None]
     signed_max = jnp.take_along_axis(blocks, index, axis=-1)
-    d = signed_max / jnp.float32(-8)
-    shifted = jnp.trunc(blocks * _safe_inverse(d) + jnp.float32(8.5))
+    d = signed_max / _materialized(divisor, signed_max.shape)
+    shifted = jnp.trunc(_unfused(blocks * _safe_inverse(d)) + jnp.float32(8.5))
     codes = jnp.clip(shifted, 0, 15).astype(jnp.int8) - 8  # gguf-py casts to uint8 first: the same for 0..16
     return codes, d[..., 0].astype(jnp.float16)
 
 
 def _codes_int8(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    scale = jnp.max(jnp.abs(rows), axis=-1, keepdims=True) / jnp.float32(127)
-    codes = jnp.clip(jnp.round(rows * _safe_inverse(scale)), -127, 127)
-    return codes.astype(jnp.int8), scale[..., 0]
+    """The Pallas int8 matmul's own format (per output channel = per row here), so a packed int8 weight is
+    exactly the kernel's QuantizedWeight, transposed."""
+    packed = quantize_int8(rows.T)
+    return packed.values.T, packed.scales[0]
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def codes_and_scales(w: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
     """w [rows, in] -> (int8 codes [rows, in], scales [rows, in / 32] fp16; for int8 [rows] float32)."""
+    return _codes_and_scales(w, jnp.float32(127 if fmt == "q8_0" else -8), fmt)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _codes_and_scales(w: jax.Array, divisor: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
     w = w.astype(jnp.float32)
     if fmt == "int8":
         return _codes_int8(w)
     rows, features = w.shape
     blocks = w.reshape(rows, features // BLOCK, BLOCK)
-    codes, scales = (_codes_q8_0 if fmt == "q8_0" else _codes_q4_0)(blocks)
+    codes, scales = (_codes_q8_0 if fmt == "q8_0" else _codes_q4_0)(blocks, divisor)
     return codes.reshape(rows, features), scales
 
 

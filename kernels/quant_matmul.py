@@ -8,7 +8,7 @@ Formats (symmetric, zero point 0):
         the matching half of x, with no interleaving shuffle.
 The kernel multiplies x by the integer values in the activation dtype (exact: |v| <= 127 fits bf16's mantissa),
 accumulates in float32 and applies the scales per output channel (int8) or per group inside the K loop (int4).
-`fake_quant` is the QAT side: the quantize-dequantize round trip with a straight-through gradient.
+QAT and the GGUF block formats live in gemstill.quant, which packs its int8 format with `quantize_int8`.
 """
 
 from __future__ import annotations
@@ -91,17 +91,6 @@ def quant_matmul_reference(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     return out.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fake_quant(w: jax.Array, bits_and_group: tuple[int, int]) -> jax.Array:
-    """Quantize-dequantize w [K, N] (int8 per channel, or int4 per group) with a straight-through gradient."""
-    bits, group = bits_and_group
-    qw = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
-    return dequantize(qw).astype(w.dtype)
-
-
-fake_quant.defvjp(lambda w, bg: (fake_quant(w, bg), None), lambda bg, _, g: (g,))
-
-
 def quant_matmul(
     x: jax.Array,
     qw: QuantizedWeight,
@@ -138,7 +127,7 @@ def _kernel_fwd(x, qw, blocks):
 
 
 def _kernel_bwd(blocks, qw, g):
-    # dx = g @ W^T; integer weights take no gradient (QAT trains float weights through fake_quant)
+    # dx = g @ W^T; integer weights take no gradient (QAT trains float weights through gemstill.quant.fake_quant)
     dx = jnp.dot(g, dequantize(qw).T.astype(g.dtype), preferred_element_type=jnp.float32).astype(g.dtype)
     return dx, None
 

@@ -92,9 +92,12 @@ def test_deployment_run_completes(prefect_server, tmp_path):
         worker_log.close()
     assert sorted(p.parent.parent.name for p in store.glob("*/*/manifest.json")) == [
         "evaluate",
+        "export",
         "layer_map",
         "prepare_data",
         "pretrain_teacher",
+        "qat",
+        "quantize",
         "teacher_cache",
         "train_baseline",
         "train_student",

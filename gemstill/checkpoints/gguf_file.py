@@ -48,6 +48,10 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
     return reader
 
 
+def _optional_f32(value: Any) -> float | None:
+    return None if value is None or float(value) == 0.0 else _f32(value)
+
+
 def _f32(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (9.9999997e-07 -> 1e-06)."""
     return float(f"{float(value):.7g}")
@@ -81,12 +85,40 @@ def config_from_gguf(reader: gguf.GGUFReader) -> Gemma3Config:
         sliding_window=arch("attention.sliding_window", 4096),
         vocab_size=vocab,
         query_pre_attn_scalar=_f32(field(reader, _QUERY_SCALAR_KEY, default_scalar)),
-        local_rope_base=_f32(field(reader, _LOCAL_ROPE_KEY, 10_000.0)),
+        local_rope_base=_f32(arch("rope.freq_base_swa", field(reader, _LOCAL_ROPE_KEY, 10_000.0))),
+        sliding_window_pattern=_pattern(arch("attention.sliding_window_pattern", 6)),
         global_rope_base=_f32(arch("rope.freq_base", 1_000_000.0)),
         global_rope_scale=_f32(arch("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
         rms_norm_eps=_f32(arch("attention.layer_norm_rms_epsilon", 1e-6)),
+        final_logit_softcap=_optional_f32(arch("final_logit_softcapping")),
         max_context=arch("context_length", 32_768),
     )
+
+
+def _pattern(value: Any) -> int:
+    """llama.cpp's sliding_window_pattern: a period (layer i is global iff (i + 1) % period == 0), or per layer."""
+    if isinstance(value, int):
+        return value
+    flags = list(value)
+    for period in range(1, len(flags) + 1):
+        if flags == [(i + 1) % period != 0 for i in range(len(flags))]:
+            return period
+    raise GemstillError(
+        "GGUF: attention.sliding_window_pattern lists local/global layers with no fixed period; gemstill supports "
+        "a period only"
+    )
+
+
+def check_llama_cpp(config: Gemma3Config) -> None:
+    """Refuse a model llama.cpp would compute differently from its GGUF (one line naming the knob)."""
+    rule = config.embed_dim / config.num_heads if config.num_layers == 62 else config.head_dim
+    if abs(config.query_pre_attn_scalar - rule) > 1e-6:
+        raise GemstillError(
+            f"query_pre_attn_scalar {config.query_pre_attn_scalar:g} differs from the {rule:g} llama.cpp derives for "
+            f"a {config.num_layers}-layer Gemma 3, so llama.cpp would compute another model; export hf or orbax"
+        )
+    if config.attn_logit_softcap is not None:
+        raise GemstillError("llama.cpp's Gemma 3 has no attention soft cap; export hf or orbax instead of gguf")
 
 
 def _tensor_rows(reader: gguf.GGUFReader, name: str) -> int:
@@ -199,11 +231,14 @@ def save_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.global_rope_base)
     writer.add_sliding_window(config.sliding_window)
+    writer.add_uint32(f"{ARCH}.attention.sliding_window_pattern", config.sliding_window_pattern)
+    writer.add_float32(f"{ARCH}.rope.freq_base_swa", float(config.local_rope_base))
+    if config.final_logit_softcap is not None:
+        writer.add_float32(f"{ARCH}.final_logit_softcapping", float(config.final_logit_softcap))
     if config.global_rope_scale != 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.global_rope_scale)
     writer.add_float32(_QUERY_SCALAR_KEY, float(config.query_pre_attn_scalar))
-    writer.add_float32(_LOCAL_ROPE_KEY, float(config.local_rope_base))
     for key, value in (tokenizer_fields or {}).items():
         _add_field(writer, key, value)
     try:

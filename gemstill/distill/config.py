@@ -150,3 +150,37 @@ class TrainingConfig(BaseModel):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"training.batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         return self
+
+
+QuantFormat = Literal["int8", "q8_0", "q4_0"]
+
+
+class QuantizeConfig(BaseModel):
+    """Post-training quantization (round to nearest) into each format, and which tensors every quantized variant
+    (PTQ or QAT) covers: every linear layer, plus the tied embedding / LM head when `embedding`."""
+
+    model_config = ConfigDict(extra="forbid")
+    formats: list[QuantFormat] = ["q8_0", "q4_0"]
+    embedding: bool = True
+
+
+class QATConfig(BaseModel):
+    """Quantization-aware distillation: continue the trained student with its weights fake-quantized in each
+    format, on the same distillation loss and training loop as train_student (these fields override `training`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    formats: list[QuantFormat] = ["q4_0"]
+    steps: int = Field(50, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1)  # default: the training section's
+    eval_every: int | None = Field(None, ge=1)
+
+    def training_config(self, base: TrainingConfig) -> TrainingConfig:
+        optimizer = base.optimizer.model_copy(
+            update={"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+        )
+        update: dict[str, Any] = {"steps": self.steps, "optimizer": optimizer}
+        for name in ("checkpoint_every", "eval_every"):
+            update[name] = getattr(self, name) or min(getattr(base, name), self.steps)
+        return base.model_copy(update=update)

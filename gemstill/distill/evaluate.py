@@ -23,7 +23,8 @@ from gemstill.config import Gemma3Config
 from gemstill.data.format import read_split
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import Gemma3
-from gemstill.params import from_flat
+from gemstill.params import count_params, from_flat
+from gemstill.quant import PackedWeight
 from gemstill.teacher_cache.writer import next_token_targets
 
 EVAL_CHUNK = 256  # tokens per [chunk x vocab] tile: 256 x 262,144 float32 = 256 MiB per model
@@ -102,24 +103,30 @@ def evaluate_models(
                 "val_ppl": float(np.exp(mean_nll)),
                 "kl_to_teacher": float(kl / max(tokens, 1.0)),
                 "tokens": int(tokens),
-                "parameters": int(sum(np.prod(np.shape(v)) for v in candidate.params.values())),
+                "parameters": count_params(candidate.config)["total"],
+                "weight_bytes": sum(_nbytes(v) for v in candidate.params.values()),
                 "layers": candidate.config.num_layers,
             }
         )
     return results
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes a parameter takes in memory (a PackedWeight: its codes and scales)."""
+    return value.nbytes if isinstance(value, PackedWeight) else int(np.asarray(value).nbytes)
+
+
 def report_markdown(title: str, rows: list[dict[str, Any]], notes: list[str]) -> str:
     lines = [
         f"# {title}",
         "",
-        "| model | layers | parameters | val NLL | val PPL | KL to teacher |",
-        "|---|---|---|---|---|---|",
+        "| model | layers | parameters | weights (MiB) | val NLL | val PPL | KL to teacher |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['parameters']:,} | {r['val_nll']:.4f} | {r['val_ppl']:.3f} "
-            f"| {r['kl_to_teacher']:.4f} |"
+            f"| {r['model']} | {r['layers']} | {r['parameters']:,} | {r['weight_bytes'] / 2**20:.1f} "
+            f"| {r['val_nll']:.4f} | {r['val_ppl']:.3f} | {r['kl_to_teacher']:.4f} |"
         )
     lines += ["", *notes, "", "![evaluation](evaluation.png)", "", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)
@@ -142,9 +149,10 @@ def save_evaluation_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     names = [r["model"] for r in rows]
-    colors = ["#777777", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"][: len(rows)]
+    palette = ["#777777", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    colors = [palette[i % len(palette)] for i in range(len(rows))]
     for ax, key, label in (
         (axes[0], "val_nll", "validation NLL (nats/token)"),
         (axes[1], "kl_to_teacher", "KL to teacher"),
@@ -154,6 +162,7 @@ def save_evaluation_plot(path: Path, rows: list[dict[str, Any]]) -> Path:
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         ax.grid(axis="y", alpha=0.3)
     return atomic_write_bytes(path, _figure_bytes(figure))
 

@@ -36,6 +36,7 @@ from gemstill.model import build_model
 from gemstill.params import ParamBinder
 from gemstill.plots import save_loss_curve
 from gemstill.pretrain import batch_indices
+from gemstill.quant import fake_quant_params
 from gemstill.teacher_cache.reader import TeacherCacheReader
 from gemstill.teacher_cache.writer import next_token_targets
 
@@ -54,6 +55,14 @@ class Teacher:
 
 
 @dataclasses.dataclass(frozen=True)
+class FakeQuant:
+    """Quantization-aware training: the student's forward pass sees its weights fake-quantized in `fmt`."""
+
+    fmt: str  # int8, q8_0 or q4_0 (gemstill.quant)
+    embedding: bool  # also the tied embedding / LM head
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """Everything fixed about one training run."""
 
@@ -64,6 +73,7 @@ class Run:
     training: TrainingConfig
     teacher: Teacher
     title: str = "student"
+    fake_quant: FakeQuant | None = None  # QAT: train through the quantizer (straight-through gradients)
 
 
 def layer_drop_scales(rate: float, layers: int, key: jax.Array) -> jax.Array:
@@ -85,6 +95,9 @@ def initial_params(run: Run) -> dict[str, jax.Array]:
     """Trainable arrays, flat: the student's parameters, plus "projections.{layer}" [Ds, Dt] per mapped layer when
     the student and teacher widths differ."""
     params = {name: jnp.array(value, copy=True) for name, value in run.init_params.items()}  # the step donates them
+    if run.fake_quant is not None:  # frozen weights never move: put them on the grid once, not in every step
+        frozen = {k: v for k, v in params.items() if is_frozen(k, run.training.freeze)}
+        params.update(fake_quant_params(run.student, frozen, run.fake_quant.fmt, run.fake_quant.embedding))
     if _needs_projection(run):
         ds, dt = run.student.embed_dim, run.teacher.config.embed_dim
         key = jax.random.key(run.training.seed + 7)
@@ -126,7 +139,11 @@ def make_loss(run: Run) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     def loss(params, teacher_params, micro, step, key, total_weight, train: bool = True):
         frozen = training.freeze
         params = {k: jax.lax.stop_gradient(v) if is_frozen(k, frozen) else v for k, v in params.items()}
-        student = student_bind(student_params(params))
+        arrays = student_params(params)
+        if run.fake_quant is not None:  # frozen weights were put on the grid by initial_params
+            trained = {k: v for k, v in arrays.items() if not is_frozen(k, frozen)}
+            arrays.update(fake_quant_params(run.student, trained, run.fake_quant.fmt, run.fake_quant.embedding))
+        student = student_bind(arrays)
         real = micro["segment_ids"] > 0
         out = _activations(
             student,

@@ -24,6 +24,7 @@ class StageContext:
     inputs: Mapping[str, Path]  # upstream task name -> its committed artifact directory (local)
     workdir: Path
     log: Callable[[str], None] = print
+    input_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)  # upstream stage name -> its key
 
     def input(self, task: str) -> Path:
         if task not in self.inputs:

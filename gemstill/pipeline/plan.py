@@ -135,7 +135,13 @@ def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str
         inputs[plan.pipeline.stages[need].task] = plan.store.fetch(need, upstream.key)
     workdir = plan.store.prepare(name, stage.key, fresh=fresh)
     context = StageContext(
-        stage=name, profile=plan.profile, settings=stage.settings, inputs=inputs, workdir=workdir, log=log
+        stage=name,
+        profile=plan.profile,
+        settings=stage.settings,
+        inputs=inputs,
+        workdir=workdir,
+        log=log,
+        input_keys=dict(stage.inputs),
     )
     started = time.time()
     metrics = stage.task.fn(context)

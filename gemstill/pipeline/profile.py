@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gemstill.config import Gemma3Config
 from gemstill.data.config import DataConfig, TokenizerTrainingConfig
-from gemstill.distill.config import DistillConfig, StudentConfig, TrainingConfig
+from gemstill.distill.config import DistillConfig, QATConfig, QuantizeConfig, StudentConfig, TrainingConfig
 from gemstill.distill.layer_map import LayerMapConfig
 from gemstill.errors import GemstillError
+from gemstill.export import ExportTarget, default_exports
 from gemstill.pipeline.yamlio import read_yaml, validate
 from gemstill.pretrain import PretrainConfig
 from gemstill.teacher_cache.config import TeacherCacheConfig
@@ -118,6 +119,9 @@ class Profile(BaseModel):
     distill: DistillConfig = DistillConfig()
     training: TrainingConfig = TrainingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    qat: QATConfig = QATConfig()
+    export: list[ExportTarget] = Field(default_factory=default_exports)
     hardware: Hardware = Hardware()
     precision: Precision = Precision()
 

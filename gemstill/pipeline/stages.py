@@ -11,7 +11,7 @@ import numpy as np
 
 from gemstill.errors import GemstillError
 from gemstill.memory import estimate
-from gemstill.pipeline import student_stages
+from gemstill.pipeline import quant_stages, student_stages
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.profile import Profile
 
@@ -179,8 +179,32 @@ BUILTIN.update(
         ),
         "evaluate": StageTask(
             fn=student_stages.evaluate_stage,
-            reads=("teacher", "evaluate", "precision", "_teacher_identity"),
-            code=("gemstill.distill.evaluate", "gemstill.model"),
+            reads=("teacher", "evaluate", "quantize", "qat.formats", "precision", "_teacher_identity"),
+            code=("gemstill.distill.evaluate", "gemstill.model", "gemstill.quant", "gemstill.pipeline.quant_stages"),
+        ),
+        "quantize": StageTask(
+            fn=quant_stages.quantize_stage,
+            reads=("quantize",),
+            code=("gemstill.pipeline.quant_stages", "gemstill.quant", "gemstill.checkpoints.gguf_file"),
+            validate=quant_stages.validate_quantization,
+        ),
+        "qat": StageTask(
+            fn=quant_stages.qat_stage,
+            reads=("quantize.embedding", "qat", "distill", "training", "teacher_cache.temperature", "hardware.mesh"),
+            code=("gemstill.pipeline.quant_stages", "gemstill.quant", "gemstill.checkpoints.gguf_file", *_STUDENT_CODE),
+            validate=quant_stages.validate_quantization,
+        ),
+        "export": StageTask(
+            fn=quant_stages.export_stage,
+            reads=("export", "quantize.embedding", "qat.formats", "teacher", "_teacher_identity"),
+            code=(
+                "gemstill.pipeline.quant_stages",
+                "gemstill.export",
+                "gemstill.quant",
+                "gemstill.checkpoints.gguf_file",
+                "gemstill.checkpoints.hf",
+                "gemstill.tokenizer",
+            ),
         ),
     }
 )

@@ -149,6 +149,12 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             histories[name] = read_history(ctx.input(task))
     if not candidates:
         raise GemstillError(f"stage {ctx.stage} needs a train_student or train_baseline stage in its needs")
+    from gemstill.loading import load_checkpoint
+    from gemstill.pipeline.quant_stages import variant_candidates
+
+    for name, spec in variant_candidates(ctx):  # packed: a q4_0 variant takes a seventh of the float memory
+        config, params, _ = load_checkpoint(spec, packed=True)
+        candidates.append(Candidate(name, config, params))
     rows = evaluate_models(
         Candidate("teacher", teacher.config, to_flat(teacher.model)),
         candidates,
@@ -169,6 +175,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             f"The distilled student {verdict} the cross-entropy baseline: NLL {s['val_nll']:.4f} vs "
             f"{b['val_nll']:.4f}, KL {s['kl_to_teacher']:.4f} vs {b['kl_to_teacher']:.4f}."
         )
+    notes += qat_recovery(rows)
     out: Path = ctx.workdir
     atomic_write_bytes(out / "report.json", json.dumps({"profile": ctx.profile.name, "rows": rows}, indent=2).encode())
     save_evaluation_plot(out / "evaluation.png", rows)
@@ -177,6 +184,33 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     for note in notes:
         ctx.log(f"evaluate: {note}")
     return {f"{row['model']}_{key}": row[key] for row in rows for key in ("val_nll", "kl_to_teacher")}
+
+
+def qat_recovery(rows: list[dict[str, Any]]) -> list[str]:
+    """Per format with PTQ and QAT rows: the share of PTQ's loss against the fp32 student that QAT wins back,
+    in NLL and in KL, stored on the QAT row (qat_recovery_nll, qat_recovery_kl) and said in a note."""
+    by_name = {row["model"]: row for row in rows}
+    notes = []
+    student = by_name.get("student")
+    for name, row in by_name.items():
+        ptq = by_name.get(name.removesuffix("-qat") + "-ptq")
+        if student is None or not name.endswith("-qat") or ptq is None:
+            continue
+        for metric, key in (("val_nll", "qat_recovery_nll"), ("kl_to_teacher", "qat_recovery_kl")):
+            lost = ptq[metric] - student[metric]
+            row[key] = (ptq[metric] - row[metric]) / lost if lost > 0 else None
+        fmt = name.removeprefix("student-").removesuffix("-qat")
+        nll, kl = row["qat_recovery_nll"], row["qat_recovery_kl"]
+        notes.append(
+            f"{fmt}: PTQ costs {ptq['val_nll'] - student['val_nll']:+.4f} NLL and "
+            f"{ptq['kl_to_teacher'] - student['kl_to_teacher']:+.4f} KL against the fp32 student; QAT "
+            + (
+                f"wins back {nll:.0%} of the NLL loss and {kl:.0%} of the KL loss."
+                if None not in (nll, kl)
+                else "has no PTQ loss to win back."
+            )
+        )
+    return notes
 
 
 def train_student_memory(profile: Profile) -> dict[str, int]:

@@ -1,0 +1,208 @@
+"""The deployment stages: quantize (post-training, round to nearest), qat (quantization-aware distillation) and
+export (thin glue over gemstill.quant, gemstill.distill.train and gemstill.export).
+
+Each quantized variant is stored as its deployment format: a GGUF (`<format>/model.gguf`) for q8_0 and q4_0, a
+native checkpoint of the on-grid weights (`<format>/quantized`) for int8. The evaluate stage scores exactly
+those files, so its rows predict what llama.cpp computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gemstill.config import Gemma3Config
+from gemstill.errors import GemstillError
+from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.profile import Profile
+
+GGUF_FILE = "model.gguf"
+NATIVE_DIR = "quantized"
+
+
+def variant_spec(directory: Path, fmt: str) -> str:
+    """The model spec of a stored quantized variant."""
+    from gemstill.quant import GGUF_FORMATS
+
+    return f"gguf:{directory / GGUF_FILE}" if fmt in GGUF_FORMATS else f"orbax:{directory / NATIVE_DIR}"
+
+
+def save_variant(directory: Path, config: Gemma3Config, flat: dict[str, Any], fmt: str, tokenizer, embedding: bool):
+    """Store a quantized variant of float params (quantized here, round to nearest) in its deployment format."""
+    from gemstill.checkpoints.gguf_file import save_gguf
+    from gemstill.checkpoints.native import save_native
+    from gemstill.quant import GGUF_FORMATS, quantized_params
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt in GGUF_FORMATS:
+        return save_gguf(
+            directory / GGUF_FILE, config, flat, tokenizer.gguf_fields(), quant=fmt, quantize_embedding=embedding
+        )
+    return save_native(
+        directory / NATIVE_DIR, config, quantized_params(config, flat, fmt, embedding), tokenizer.model_proto
+    )
+
+
+def _student(ctx: StageContext) -> tuple[Gemma3Config, dict[str, Any]]:
+    from gemstill.checkpoints.native import load_native
+
+    model_dir = ctx.input("train_student") / "model"
+    if not (model_dir / "config.json").is_file():
+        raise GemstillError(f"stage {ctx.stage}: no trained student in {model_dir}; run the train_student stage first")
+    return load_native(model_dir)
+
+
+def _tokenizer(ctx: StageContext):
+    from gemstill.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
+
+
+def validate_quantization(profile: Profile) -> None:
+    """Refuse, when the plan is made, a student whose weights do not split into the formats' 32-value blocks."""
+    from gemstill.pipeline.stages import teacher_config
+    from gemstill.pipeline.student_stages import student_config
+    from gemstill.quant import check_params
+
+    student = student_config(profile, teacher_config(profile))
+    for fmt in {*profile.quantize.formats, *profile.qat.formats}:
+        check_params(student, fmt, profile.quantize.embedding)
+
+
+def quantize_stage(ctx: StageContext) -> dict[str, Any]:
+    """Post-training quantization of the trained student into every format of `quantize.formats`."""
+    from gemstill.params import count_params
+
+    settings = ctx.profile.quantize
+    config, params = _student(ctx)
+    tokenizer = _tokenizer(ctx)
+    metrics: dict[str, Any] = {}
+    for fmt in settings.formats:
+        path = save_variant(ctx.workdir / fmt, config, params, fmt, tokenizer, settings.embedding)
+        size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        metrics[f"{fmt}_bytes_per_parameter"] = size / count_params(config)["total"]
+        ctx.log(f"quantize: {fmt} round to nearest, {size / 2**20:.1f} MiB")
+    return metrics
+
+
+def qat_stage(ctx: StageContext) -> dict[str, Any]:
+    """Continue the trained student through the fake quantizer of each `qat.formats`, on the distillation loss
+    from the teacher cache, with train_student's loop (resume, NaN stop, checkpoints, progress); then store the
+    weights on the format's grid, which is exactly what the export writes."""
+    from gemstill.checkpoints.native import load_native
+    from gemstill.distill.config import AttentionLossConfig, HiddenLossConfig
+    from gemstill.distill.train import FakeQuant, Run, Teacher, train
+    from gemstill.pipeline.stages import teacher_config
+    from gemstill.pipeline.student_stages import _mesh
+
+    profile = ctx.profile
+    config, params = _student(ctx)
+    tokenizer = _tokenizer(ctx)
+    data_dir = ctx.input("prepare_data")
+    objective = profile.distill.model_copy(
+        update={"hidden": HiddenLossConfig(), "attention": AttentionLossConfig(), "online_teacher": False}
+    )
+    training = profile.qat.training_config(profile.training)
+    metrics: dict[str, Any] = {}
+    for fmt in profile.qat.formats:
+        out = ctx.workdir / fmt
+        run = Run(
+            student=config,
+            init_params=params,
+            pairs=(),
+            objective=objective,
+            training=training,
+            teacher=Teacher(
+                config=teacher_config(profile),
+                params=None,
+                cache_dir=ctx.input("teacher_cache"),
+                cache_temperature=profile.teacher_cache.temperature,
+            ),
+            title=f"qat-{fmt}",
+            fake_quant=FakeQuant(fmt, profile.quantize.embedding),
+        )
+        result = train(run, data_dir, out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
+        _, master = load_native(out / "model")
+        save_variant(out, config, master, fmt, tokenizer, profile.quantize.embedding)
+        metrics.update({f"{fmt}_{k}": v for k, v in result.items() if k in ("validation_loss", "final_train_loss")})
+    return metrics
+
+
+def variant_candidates(ctx: StageContext) -> list[tuple[str, str]]:
+    """(row name, model spec) of every quantized variant among the stage's inputs: PTQ first, then QAT."""
+    rows = []
+    for task, suffix, formats in (
+        ("quantize", "ptq", ctx.profile.quantize.formats),
+        ("qat", "qat", ctx.profile.qat.formats),
+    ):
+        if task in ctx.inputs:
+            rows += [(f"student-{fmt}-{suffix}", variant_spec(ctx.input(task) / fmt, fmt)) for fmt in formats]
+    return rows
+
+
+def export_stage(ctx: StageContext) -> dict[str, Any]:
+    """Write every export the profile lists, each with its model card; a quantized GGUF comes from the QAT
+    student of its format when the qat stage trained one (source: auto)."""
+    import json
+
+    from gemstill.export import GEMMA_TERMS, SCRATCH_TERMS, ModelCard, export_model
+    from gemstill.loading import load_checkpoint
+
+    profile = ctx.profile
+    if not profile.export:
+        raise GemstillError("stage export: the profile's export section is empty; list targets, e.g. [{format: hf}]")
+    config, student = _student(ctx)
+    tokenizer = _tokenizer(ctx)
+    rows: list[dict[str, Any]] = []
+    if "evaluate" in ctx.inputs:
+        rows = json.loads((ctx.input("evaluate") / "report.json").read_text())["rows"]
+    teacher = profile.teacher
+    teacher_label = teacher.model or "trained from scratch by gemstill ({} layers, width {})".format(
+        teacher.scratch.architecture.get("num_layers"), teacher.scratch.architecture.get("embed_dim")
+    )
+    facts = [
+        ("profile", profile.name),
+        ("teacher", teacher_label),
+        ("student", f"Gemma 3 architecture, {config.num_layers} layers, width {config.embed_dim}"),
+        ("data", f"{profile.data.source}, sequences of {profile.data.seq_len} tokens"),
+        (
+            "distillation",
+            f"{profile.distill.divergence}, alpha {profile.distill.alpha}, {profile.training.steps} steps",
+        ),
+        *[(f"stage key: {name}", key) for name, key in sorted(ctx.input_keys.items())],
+    ]
+    metrics: dict[str, Any] = {}
+    for target in profile.export:
+        from_qat = target.quant in profile.qat.formats and "qat" in ctx.inputs and target.source != "student"
+        if target.source == "qat" and not from_qat:
+            raise GemstillError(
+                f"export {target.name}: source qat, but no qat stage trained {target.quant}; add it to qat.formats"
+            )
+        flat = student
+        how = f"{target.quant} from the fp32 student" + (
+            ", round to nearest" if target.quant in ("q8_0", "q4_0") else ""
+        )
+        if from_qat:
+            _, flat, _ = load_checkpoint(variant_spec(ctx.input("qat") / target.quant, target.quant))
+            how = f"{target.quant} from quantization-aware training ({profile.qat.steps} steps): lossless"
+        coverage = "linear layers and the tied embedding" if profile.quantize.embedding else "linear layers"
+        card = ModelCard(
+            title=f"{profile.name} student",
+            facts=(*facts, ("quantization", f"{how}; quantized: {coverage}")),
+            rows=tuple(rows),
+            license=SCRATCH_TERMS if teacher.scratch is not None else GEMMA_TERMS,
+        )
+        path = export_model(
+            config,
+            flat,
+            tokenizer,
+            target.format,
+            ctx.workdir / target.name,
+            target.quant,
+            card,
+            overwrite=True,
+            quantize_embedding=profile.quantize.embedding,
+        )
+        metrics[f"{target.name}_bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        ctx.log(f"export: {target.name} ({how}) -> {path}")
+    return metrics
