@@ -157,17 +157,27 @@ def export_model(
     from gemstill.checkpoints.gguf_file import check_llama_cpp, save_gguf
     from gemstill.checkpoints.hf import write_hf
     from gemstill.checkpoints.native import write_native
+    from gemstill.params import check_flat
+    from gemstill.quant import GGUF_FORMATS, check_params
 
     quant = check_request(fmt, quant)
     out = Path(out)
     if out.exists() and not overwrite:
         raise GemstillError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_flat(config, flat, f"export to {out}")
+    if fmt == "gguf":
+        check_llama_cpp(config)
+        if quant in GGUF_FORMATS:
+            check_params(config, quant, quantize_embedding)
     if tokenizer is None and fmt != "orbax":
         raise GemstillError(
             f"the model carries no tokenizer, and a {fmt} export needs one; add tokenizer.model beside its weights"
         )
-    if fmt == "gguf":
-        check_llama_cpp(config)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise GemstillError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size} embedding rows: "
+            "they belong to different models; export with the tokenizer the model was trained with"
+        )
     card = card or ModelCard(title=f"gemstill export ({config.num_layers} layers)")
     with atomic_dir(out) as tmp:
         if fmt == "hf":
@@ -182,7 +192,7 @@ def export_model(
                 tmp / "model.gguf",
                 config,
                 dict(flat),
-                tokenizer.gguf_fields(),
+                tokenizer.gguf_fields(config.vocab_size),
                 quant=quant,
                 name=card.title,
                 quantize_embedding=quantize_embedding,

@@ -271,10 +271,12 @@ class Tokenizer:
             parts.append(f"{START_OF_TURN}model\n")
         return "".join(parts)
 
-    def gguf_fields(self) -> dict[str, Any]:
+    def gguf_fields(self, vocab_size: int | None = None) -> dict[str, Any]:
         """The tokenizer.ggml.* metadata llama.cpp reads (the inverse of from_gguf_metadata), with the chat template.
 
         Whitespace-run pieces go back to llama.cpp's convention (real spaces, user-defined), as in Google's GGUF.
+        llama.cpp takes the vocabulary size from this list, so a model with more embedding rows than pieces
+        (`vocab_size`) gets unused padding pieces that no text encodes to.
         """
         proto = sp_pb2.ModelProto.FromString(self._model_proto)
         codes = {piece_type: code for code, piece_type in _GGUF_PIECE_TYPES.items()}
@@ -286,6 +288,10 @@ class Tokenizer:
             tokens.append(text)
             scores.append(float(piece.score))
             types.append(code)
+        for index in range(len(tokens), vocab_size or 0):
+            tokens.append(f"<gemstill_unused{index}>")
+            scores.append(-1e9)
+            types.append(5)
         trainer = proto.trainer_spec
         return {
             "tokenizer.ggml.model": "llama",

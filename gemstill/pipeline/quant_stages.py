@@ -36,7 +36,12 @@ def save_variant(directory: Path, config: Gemma3Config, flat: dict[str, Any], fm
     directory.mkdir(parents=True, exist_ok=True)
     if fmt in GGUF_FORMATS:
         return save_gguf(
-            directory / GGUF_FILE, config, flat, tokenizer.gguf_fields(), quant=fmt, quantize_embedding=embedding
+            directory / GGUF_FILE,
+            config,
+            flat,
+            tokenizer.gguf_fields(config.vocab_size),
+            quant=fmt,
+            quantize_embedding=embedding,
         )
     return save_native(
         directory / NATIVE_DIR, config, quantized_params(config, flat, fmt, embedding), tokenizer.model_proto
