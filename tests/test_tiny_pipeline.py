@@ -58,14 +58,17 @@ def test_full_run_then_all_cached(full_run):
         ("layer_map", "done"),
         ("train_student", "done"),
         ("train_baseline", "done"),
+        ("quantize", "done"),
+        ("qat", "done"),
         ("evaluate", "done"),
+        ("export", "done"),
     ]
     manifests = {p.parent.parent.name: p.stat().st_mtime_ns for p in store.glob("*/*/manifest.json")}
     began = time.perf_counter()
     again = gemstill("run", "tiny", "--store", str(store))
     second_seconds = time.perf_counter() - began
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("cached") == 7
+    assert again.stdout.count("cached") == 10
     assert {p.parent.parent.name: p.stat().st_mtime_ns for p in store.glob("*/*/manifest.json")} == manifests
     assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
 
@@ -82,7 +85,10 @@ def test_status_shows_stale_after_a_config_change(full_run):
         "layer_map": "done",  # reads no cache setting
         "train_student": "stale",
         "train_baseline": "done",  # cross-entropy only: independent of the teacher cache
+        "quantize": "stale",
+        "qat": "stale",
         "evaluate": "stale",
+        "export": "stale",
     }
 
 
@@ -93,7 +99,7 @@ def test_distilled_student_beats_the_baseline(full_run):
     result = gemstill("report", "tiny", "--store", str(store), "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["model"]: row for row in json.loads(result.stdout)}
-    assert list(rows) == ["teacher", "student", "baseline"]
+    assert list(rows) == ["teacher", "student", "baseline", "student-q8_0-ptq", "student-q4_0-ptq", "student-q4_0-qat"]
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert rows["student"]["val_nll"] < rows["baseline"]["val_nll"]
     assert rows["student"]["kl_to_teacher"] < rows["baseline"]["kl_to_teacher"]
@@ -139,3 +145,114 @@ def test_sigkill_mid_teacher_cache_resumes_to_identical_artifacts(full_run, tmp_
     ours, reference = stage_dir(store, "teacher_cache"), stage_dir(reference_store, "teacher_cache")
     assert ours.name == reference.name
     assert file_digests(ours, "shards/**/*") == file_digests(reference, "shards/**/*")
+
+
+def test_qat_beats_ptq_at_q4_0(full_run):
+    """Every quantized row is scored from the stored deployment file; QAT at q4_0 beats round-to-nearest on held-out
+    NLL and KL and wins back at least 70% of what PTQ loses against the fp32 student; q8_0 PTQ is nearly free."""
+    store, _, _ = full_run
+    rows = {row["model"]: row for row in json.loads(gemstill("report", "tiny", "--store", str(store), "--json").stdout)}
+    student, ptq, qat = rows["student"], rows["student-q4_0-ptq"], rows["student-q4_0-qat"]
+    assert ptq["val_nll"] > student["val_nll"] and ptq["kl_to_teacher"] > student["kl_to_teacher"]
+    assert qat["val_nll"] < ptq["val_nll"] and qat["kl_to_teacher"] < ptq["kl_to_teacher"]
+    assert qat["qat_recovery_nll"] >= 0.7 and qat["qat_recovery_kl"] >= 0.7
+    assert abs(rows["student-q8_0-ptq"]["val_nll"] - student["val_nll"]) < 0.1 * (ptq["val_nll"] - student["val_nll"])
+    assert student["weight_bytes"] > 3.5 * rows["student-q8_0-ptq"]["weight_bytes"]
+    assert rows["student-q8_0-ptq"]["weight_bytes"] > 1.8 * ptq["weight_bytes"] == 1.8 * qat["weight_bytes"]
+    assert "QAT wins back" in (stage_dir(store, "evaluate") / "report.md").read_text()
+
+
+def test_qat_beats_the_same_steps_without_the_quantizer(full_run, tmp_path):
+    """The fair control: the fp32 student trained for QAT's extra steps on the same loss without the fake quantizer,
+    then rounded to q4_0, is worse than the QAT student; the win is quantization-awareness, not extra training."""
+    from gemstill.checkpoints.native import load_native
+    from gemstill.distill.evaluate import Candidate, evaluate_models
+    from gemstill.distill.train import train
+    from gemstill.loading import load_checkpoint
+    from gemstill.pipeline.plan import make_plan
+    from gemstill.pipeline.quant_stages import qat_run, variant_spec
+    from gemstill.quant import quantized_params
+
+    store, _, _ = full_run
+    plan = make_plan("tiny", store=str(store))
+    config, params = load_native(stage_dir(store, "train_student") / "model")
+    data = stage_dir(store, "prepare_data")
+    train(qat_run(plan.profile, config, params, stage_dir(store, "teacher_cache"), None), data, tmp_path, None)
+    _, continued = load_native(tmp_path / "model")
+    teacher_config, teacher, _ = load_checkpoint(f"orbax:{stage_dir(store, 'pretrain_teacher') / 'model'}")
+    _, qat, _ = load_checkpoint(variant_spec(stage_dir(store, "qat") / "q4_0", "q4_0"))
+    rows = evaluate_models(
+        Candidate("teacher", teacher_config, teacher),
+        [
+            Candidate("control", config, quantized_params(config, continued, "q4_0", include_embedding=True)),
+            Candidate("qat", config, qat),
+        ],
+        data,
+    )
+    control, quantization_aware = rows[1], rows[2]
+    assert quantization_aware["val_nll"] < control["val_nll"]
+    assert quantization_aware["kl_to_teacher"] < control["kl_to_teacher"]
+
+
+def test_exports_load_in_transformers_and_hold_the_qat_weights(full_run):
+    """The export stage wrote HF (fp32), GGUF q8_0 (round to nearest) and GGUF q4_0 (from QAT) with model cards:
+    transformers loads the HF directory with no arguments (log-probs within 1e-4 of gemstill's, same token ids),
+    and the q4_0 GGUF dequantizes to exactly the weights QAT trained (its master weights on the q4_0 grid)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemstill.checkpoints.gguf_file import load_gguf
+    from gemstill.checkpoints.native import load_native
+    from gemstill.loading import load_model
+    from gemstill.quant import quantized_params
+    from gemstill.scoring import Scorer
+
+    store, _, _ = full_run
+    export = stage_dir(store, "export")
+    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["gguf-q4_0", "gguf-q8_0", "hf-f32"]
+    reference = AutoModelForCausalLM.from_pretrained(export / "hf-f32").eval()
+    reference_tokenizer = AutoTokenizer.from_pretrained(export / "hf-f32")
+    ours = load_model(f"orbax:{stage_dir(store, 'train_student') / 'model'}")
+    tokenizer = ours.require_tokenizer()
+    for text in ["12 + 30 = 42", "Use 4 6 8 2 to make 24.", "<start_of_turn>user\n7 * 6?<end_of_turn>"]:
+        ids = tokenizer.encode(text)
+        assert reference_tokenizer(text)["input_ids"] == ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        expected = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+        assert np.abs(Scorer(ours.model).logprobs([ids])[0] - expected).max() < 1e-4
+    config, master = load_native(stage_dir(store, "qat") / "q4_0" / "model")
+    _, student = load_native(stage_dir(store, "train_student") / "model")
+    for fmt, weights in (("q4_0", master), ("q8_0", student)):
+        _, exported, _ = load_gguf(export / f"gguf-{fmt}" / "model.gguf")
+        for name, value in quantized_params(config, weights, fmt, include_embedding=True).items():
+            if name.endswith(".scale"):  # GGUF stores norms as 1 + w: the model computes with the same 1 + w
+                value, exported[name] = value + np.float32(1), exported[name] + np.float32(1)
+            np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    card = (export / "gguf-q4_0" / "README.md").read_text()
+    for needle in ("quantization-aware training", "stage key: qat", "student-q4_0-qat", "trained from scratch"):
+        assert needle in card
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_llama_cpp_runs_the_tiny_exports(full_run, fmt):
+    """llama.cpp computes the exported student as gemstill does, beyond the 64-token window (its local/global
+    pattern of 2 reaches llama.cpp through gemma3.attention.sliding_window_pattern): median |delta log p| < 0.05,
+    max < 0.5 (measured 0.007 / 0.066; llama.cpp quantizes activations to 8 bits in its quantized matmuls)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from gemstill.loading import load_model
+    from gemstill.scoring import Scorer
+
+    path = stage_dir(full_run[0], "export") / f"gguf-{fmt}" / "model.gguf"
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=os.cpu_count() or 1, verbose=False)
+    ours = load_model(f"gguf:{path}", packed=True)
+    ids = ours.require_tokenizer().encode("Use 4 6 8 2 to make 24: (8 - 6) * (4 + 8) = 24. 12 + 30 = 42. " * 4)
+    assert len(ids) > 2 * 64
+    llm.eval(ids)
+    scores = np.asarray(llm.scores[: len(ids) - 1], np.float64)
+    expected = (scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True))[np.arange(len(ids) - 1), ids[1:]]
+    delta = np.abs(Scorer(ours.model).logprobs([ids])[0] - expected)
+    assert np.median(delta) < 0.05 and delta.max() < 0.5, (np.median(delta), delta.max())

@@ -90,43 +90,49 @@ def quantize_stage(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
+def qat_run(profile: Profile, config: Gemma3Config, params: dict[str, Any], cache_dir: Path, fmt: str | None):
+    """The training Run of QAT in `fmt`: train_student's objective without intermediate terms (QAT adds none),
+    the qat section's steps and learning rate; fmt None is the same run without the quantizer (a control)."""
+    from gemstill.distill.config import AttentionLossConfig, HiddenLossConfig
+    from gemstill.distill.train import FakeQuant, Run, Teacher
+    from gemstill.pipeline.stages import teacher_config
+
+    objective = profile.distill.model_copy(
+        update={"hidden": HiddenLossConfig(), "attention": AttentionLossConfig(), "online_teacher": False}
+    )
+    return Run(
+        student=config,
+        init_params=params,
+        pairs=(),
+        objective=objective,
+        training=profile.qat.training_config(profile.training),
+        teacher=Teacher(
+            config=teacher_config(profile),
+            params=None,
+            cache_dir=cache_dir,
+            cache_temperature=profile.teacher_cache.temperature,
+        ),
+        title=f"qat-{fmt}" if fmt else "fp32-continued",
+        fake_quant=FakeQuant(fmt, profile.quantize.embedding) if fmt else None,
+    )
+
+
 def qat_stage(ctx: StageContext) -> dict[str, Any]:
     """Continue the trained student through the fake quantizer of each `qat.formats`, on the distillation loss
     from the teacher cache, with train_student's loop (resume, NaN stop, checkpoints, progress); then store the
     weights on the format's grid, which is exactly what the export writes."""
     from gemstill.checkpoints.native import load_native
-    from gemstill.distill.config import AttentionLossConfig, HiddenLossConfig
-    from gemstill.distill.train import FakeQuant, Run, Teacher, train
-    from gemstill.pipeline.stages import teacher_config
+    from gemstill.distill.train import train
     from gemstill.pipeline.student_stages import _mesh
 
     profile = ctx.profile
     config, params = _student(ctx)
     tokenizer = _tokenizer(ctx)
-    data_dir = ctx.input("prepare_data")
-    objective = profile.distill.model_copy(
-        update={"hidden": HiddenLossConfig(), "attention": AttentionLossConfig(), "online_teacher": False}
-    )
-    training = profile.qat.training_config(profile.training)
     metrics: dict[str, Any] = {}
     for fmt in profile.qat.formats:
         out = ctx.workdir / fmt
-        run = Run(
-            student=config,
-            init_params=params,
-            pairs=(),
-            objective=objective,
-            training=training,
-            teacher=Teacher(
-                config=teacher_config(profile),
-                params=None,
-                cache_dir=ctx.input("teacher_cache"),
-                cache_temperature=profile.teacher_cache.temperature,
-            ),
-            title=f"qat-{fmt}",
-            fake_quant=FakeQuant(fmt, profile.quantize.embedding),
-        )
-        result = train(run, data_dir, out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
+        run = qat_run(profile, config, params, ctx.input("teacher_cache"), fmt)
+        result = train(run, ctx.input("prepare_data"), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
         _, master = load_native(out / "model")
         save_variant(out, config, master, fmt, tokenizer, profile.quantize.embedding)
         metrics.update({f"{fmt}_{k}": v for k, v in result.items() if k in ("validation_loss", "final_train_loss")})
@@ -152,6 +158,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
 
     from gemstill.export import GEMMA_TERMS, SCRATCH_TERMS, ModelCard, export_model
     from gemstill.loading import load_checkpoint
+    from gemstill.quant import GGUF_FORMATS
 
     profile = ctx.profile
     if not profile.export:
@@ -184,9 +191,8 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
                 f"export {target.name}: source qat, but no qat stage trained {target.quant}; add it to qat.formats"
             )
         flat = student
-        how = f"{target.quant} from the fp32 student" + (
-            ", round to nearest" if target.quant in ("q8_0", "q4_0") else ""
-        )
+        rounded = ", round to nearest" if target.quant in GGUF_FORMATS else ""
+        how = f"{target.quant} from the fp32 student{rounded}"
         if from_qat:
             _, flat, _ = load_checkpoint(variant_spec(ctx.input("qat") / target.quant, target.quant))
             how = f"{target.quant} from quantization-aware training ({profile.qat.steps} steps): lossless"
