@@ -231,6 +231,22 @@ class PackedWeight:
         return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
 
 
+def deployed_bytes(config: Gemma3Config, fmt: str | None, include_embedding: bool) -> int:
+    """Bytes the weights take stored in `fmt` (None: float32): what a GGUF's tensors or packed memory hold."""
+    from gemstill.params import expected_shapes
+
+    total = 0
+    for name, shape in expected_shapes(config).items():
+        size = int(np.prod(shape))
+        if fmt is None or not is_quantized_name(name, include_embedding):
+            total += 4 * size
+        elif fmt == "int8":
+            total += size + 4 * hf_shape(config, name, shape)[0]  # int8 codes and a float32 scale per row
+        else:
+            total += size // BLOCK * (2 + (BLOCK if fmt == "q8_0" else BLOCK // 2))  # fp16 scale + codes
+    return total
+
+
 def float_array(value: Any) -> np.ndarray:
     """A parameter as a float32 host array, whether it is an array or a PackedWeight."""
     if isinstance(value, PackedWeight):

@@ -121,6 +121,8 @@ def test_packed_gguf_model_equals_the_dequantized_model(tmp_path, fmt):
     float_bytes = sum(np.asarray(dense[n]).nbytes for n in weights)
     packed_bytes = sum(packed[n].nbytes for n in weights)
     assert packed_bytes == pytest.approx(float_bytes * (34 if fmt == "q8_0" else 18) / (32 * 4), rel=1e-9)
+    in_file = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    assert quant.deployed_bytes(config, fmt, include_embedding=True) == in_file
     # and the round-to-nearest variant computed in memory is the same model
     on_grid = quant.quantized_params(config, flat, fmt, include_embedding=True)
     for name in dense:

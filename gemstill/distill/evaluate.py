@@ -8,6 +8,7 @@ so it is the true divergence, not the sparse cache's lower bound. Positions are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ class Candidate:
     name: str  # report row name: teacher, student, baseline, ...
     config: Gemma3Config
     params: Mapping[str, Any]
+    weight_bytes: int | None = None  # bytes of the weights as deployed (default: as held in memory)
 
 
 def _final_hidden(model: Gemma3, batch: dict[str, jax.Array]) -> jax.Array:
@@ -43,13 +45,31 @@ def _final_hidden(model: Gemma3, batch: dict[str, jax.Array]) -> jax.Array:
     return out.final_hidden
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, hidden: jax.Array) -> jax.Array:
+    """The LM head on one tile [EVAL_CHUNK, D]: one compilation per model architecture, not per model."""
+    return nnx.merge(graphdef, state).logits(hidden[None])[0]
+
+
 @jax.jit
-def _tile_sums(teacher_logits: jax.Array, model_logits: jax.Array, labels: jax.Array, weights: jax.Array):
-    """Weighted sums over one tile: NLL of the labels under the model, and KL(teacher || model)."""
+def _teacher_tile(teacher_logits: jax.Array, labels: jax.Array, weights: jax.Array):
+    """Once per tile: the teacher's probabilities, its sum of p log p per token, and its own weighted NLL."""
     log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
-    log_m = jax.nn.log_softmax(model_logits, axis=-1)
-    nll = -jnp.take_along_axis(log_m, labels[:, None], axis=-1)[:, 0]
-    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_m), axis=-1)
+    p_t = jnp.exp(log_t)
+    nll = -jnp.take_along_axis(log_t, labels[:, None], axis=-1)[:, 0]
+    return p_t, jnp.sum(p_t * log_t, axis=-1), (nll * weights).sum()
+
+
+@jax.jit
+def _tile_sums(p_t: jax.Array, neg_entropy: jax.Array, logits: jax.Array, labels: jax.Array, weights: jax.Array):
+    """Weighted sums over one tile: NLL of the labels under the model, and KL(teacher || model).
+
+    KL = sum p log p - sum p (z - lse(z)) = neg_entropy - (p . z - lse(z) * sum p): two passes over the model's
+    [tile x vocab] logits (its logsumexp, and the dot with p), not a log-softmax and a product of arrays.
+    """
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    kl = neg_entropy - (jnp.sum(p_t * logits, axis=-1) - lse * jnp.sum(p_t, axis=-1))
     return (nll * weights).sum(), (kl * weights).sum()
 
 
@@ -68,7 +88,6 @@ def evaluate_models(
     models = [(c, from_flat(c.config, c.params, c.name)) for c in [teacher, *others]]
     graph_states = [nnx.split(m) for _, m in models]
     forward = jax.jit(lambda graphdef, state, batch: _final_hidden(nnx.merge(graphdef, state), batch), static_argnums=0)
-    heads = [jax.jit(lambda state, h, g=g: nnx.merge(g, state).logits(h[None])[0]) for g, _ in graph_states]
     totals = np.zeros((len(models), 2))
     tokens = 0.0
     for start in range(0, rows, batch_size):
@@ -84,12 +103,15 @@ def evaluate_models(
             for (g, s), (c, _) in zip(graph_states, models, strict=True)
         ]
         for lo in range(0, len(keep), EVAL_CHUNK):
-            part = slice(lo, lo + EVAL_CHUNK)
-            y, w = jnp.asarray(labels[keep][part]), jnp.ones(len(keep[part]), jnp.float32)
-            teacher_logits = heads[0](graph_states[0][1], hiddens[0][part])
-            for i in range(len(models)):
-                logits = teacher_logits if i == 0 else heads[i](graph_states[i][1], hiddens[i][part])
-                nll, kl = _tile_sums(teacher_logits, logits, y, w)
+            # every tile is padded to EVAL_CHUNK rows (weight 0): one shape, so nothing recompiles per batch
+            count = min(EVAL_CHUNK, len(keep) - lo)
+            y = jnp.asarray(np.pad(labels[keep][lo : lo + count], (0, EVAL_CHUNK - count)))
+            w = jnp.asarray(np.arange(EVAL_CHUNK) < count, jnp.float32)
+            tiles = [jnp.pad(h[lo : lo + count], ((0, EVAL_CHUNK - count), (0, 0))) for h in hiddens]
+            p_t, neg_entropy, teacher_nll = _teacher_tile(_logits(*graph_states[0], tiles[0]), y, w)
+            totals[0, 0] += float(teacher_nll)  # and KL(teacher || teacher) = 0 exactly
+            for i in range(1, len(models)):
+                nll, kl = _tile_sums(p_t, neg_entropy, _logits(*graph_states[i], tiles[i]), y, w)
                 totals[i] += (float(nll), float(kl))
         tokens += len(keep)
         progress(f"evaluate: {min(start + batch_size, rows)}/{rows} sequences")
@@ -104,7 +126,7 @@ def evaluate_models(
                 "kl_to_teacher": float(kl / max(tokens, 1.0)),
                 "tokens": int(tokens),
                 "parameters": count_params(candidate.config)["total"],
-                "weight_bytes": sum(_nbytes(v) for v in candidate.params.values()),
+                "weight_bytes": candidate.weight_bytes or sum(_nbytes(v) for v in candidate.params.values()),
                 "layers": candidate.config.num_layers,
             }
         )

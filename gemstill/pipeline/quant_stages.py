@@ -1,8 +1,9 @@
 """The deployment stages: quantize (post-training, round to nearest), qat (quantization-aware distillation) and
 export (thin glue over gemstill.quant, gemstill.distill.train and gemstill.export).
 
-Each quantized variant is stored as its deployment format: a GGUF (`<format>/model.gguf`) for q8_0 and q4_0, a
-native checkpoint of the on-grid weights (`<format>/quantized`) for int8. The evaluate stage scores exactly
+Each quantized variant is stored as its deployment format: a GGUF (`<format>/model.gguf`, the very tensors an
+export writes, without the tokenizer metadata, whose 262k strings gguf-py takes 8 s to parse) for q8_0 and q4_0,
+a native checkpoint of the on-grid weights (`<format>/quantized`) for int8. The evaluate stage scores exactly
 those files, so its rows predict what llama.cpp computes.
 """
 
@@ -28,7 +29,8 @@ def variant_spec(directory: Path, fmt: str) -> str:
 
 
 def save_variant(directory: Path, config: Gemma3Config, flat: dict[str, Any], fmt: str, tokenizer, embedding: bool):
-    """Store a quantized variant of float params (quantized here, round to nearest) in its deployment format."""
+    """Store a quantized variant of float params (quantized here, round to nearest) in its deployment format
+    (the tokenizer goes into the int8 checkpoint only; exports add it to GGUFs)."""
     from gemstill.checkpoints.gguf_file import save_gguf
     from gemstill.checkpoints.native import save_native
     from gemstill.quant import GGUF_FORMATS, quantized_params
@@ -39,7 +41,6 @@ def save_variant(directory: Path, config: Gemma3Config, flat: dict[str, Any], fm
             directory / GGUF_FILE,
             config,
             flat,
-            tokenizer.gguf_fields(config.vocab_size),
             quant=fmt,
             quantize_embedding=embedding,
         )
@@ -139,15 +140,15 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
-def variant_candidates(ctx: StageContext) -> list[tuple[str, str]]:
-    """(row name, model spec) of every quantized variant among the stage's inputs: PTQ first, then QAT."""
+def variant_candidates(ctx: StageContext) -> list[tuple[str, str, str]]:
+    """(row name, format, model spec) of every quantized variant among the stage's inputs: PTQ first, then QAT."""
     rows = []
     for task, suffix, formats in (
         ("quantize", "ptq", ctx.profile.quantize.formats),
         ("qat", "qat", ctx.profile.qat.formats),
     ):
         if task in ctx.inputs:
-            rows += [(f"student-{fmt}-{suffix}", variant_spec(ctx.input(task) / fmt, fmt)) for fmt in formats]
+            rows += [(f"student-{fmt}-{suffix}", fmt, variant_spec(ctx.input(task) / fmt, fmt)) for fmt in formats]
     return rows
 
 

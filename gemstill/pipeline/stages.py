@@ -192,6 +192,7 @@ BUILTIN.update(
             fn=quant_stages.qat_stage,
             reads=("quantize.embedding", "qat", "distill", "training", "teacher_cache.temperature", "hardware.mesh"),
             code=("gemstill.pipeline.quant_stages", "gemstill.quant", "gemstill.checkpoints.gguf_file", *_STUDENT_CODE),
+            memory=student_stages.train_baseline_memory,  # the student's training step, no online teacher
             validate=quant_stages.validate_quantization,
         ),
         "export": StageTask(

@@ -151,10 +151,12 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         raise GemstillError(f"stage {ctx.stage} needs a train_student or train_baseline stage in its needs")
     from gemstill.loading import load_checkpoint
     from gemstill.pipeline.quant_stages import variant_candidates
+    from gemstill.quant import deployed_bytes
 
-    for name, spec in variant_candidates(ctx):  # packed: a q4_0 variant takes a seventh of the float memory
-        config, params, _ = load_checkpoint(spec, packed=True)
-        candidates.append(Candidate(name, config, params))
+    for name, fmt, spec in variant_candidates(ctx):  # dequantized once: the float32 weights llama.cpp computes with
+        config, params, _ = load_checkpoint(spec)
+        stored = deployed_bytes(config, fmt, ctx.profile.quantize.embedding)
+        candidates.append(Candidate(name, config, params, stored))
     rows = evaluate_models(
         Candidate("teacher", teacher.config, to_flat(teacher.model)),
         candidates,
