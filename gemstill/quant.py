@@ -126,9 +126,14 @@ def check_shape(name: str, shape: tuple[int, ...], fmt: str) -> None:
         )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def fake_quant(w: jax.Array, fmt: str) -> jax.Array:
-    """Quantize-dequantize w [rows, in] in `fmt`, with a straight-through (identity) gradient."""
-    return w + jax.lax.stop_gradient(_roundtrip(w, fmt).astype(w.dtype) - w)
+    """Quantize-dequantize w [rows, in] in `fmt`, with a straight-through (identity) gradient; the forward value is
+    exactly the dequantized weight (w + stop_gradient(q - w) would round twice)."""
+    return _roundtrip(w, fmt).astype(w.dtype)
+
+
+fake_quant.defvjp(lambda w, fmt: (fake_quant(w, fmt), None), lambda fmt, _, g: (g,))
 
 
 def _roundtrip(w: jax.Array, fmt: str) -> jax.Array:

@@ -71,7 +71,7 @@ def test_refresh_recomputes_exactly_downstream(workspace):
 
 def test_only_runs_one_stage_given_its_inputs(workspace):
     profile = str(workspace / "profile.yaml")
-    with pytest.raises(GemstillError, match="needs source, which is not done"):
+    with pytest.raises(GemstillError, match="needs source, not done"):
         distill(profile=profile, only="double")
     distill(profile=profile, only="source")
     assert ran(workspace) == ["source"]

@@ -127,12 +127,14 @@ def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str
     """Run one stage whose inputs are done and commit its manifest; the caller decides whether it must run."""
     check_hardware(plan.profile)
     stage = plan.stages[name]
-    inputs = {}
-    for need in stage.spec.needs:
-        upstream = plan.stages[need]
-        if plan.store.manifest(need, upstream.key) is None:
-            raise GemstillError(f"stage {name} needs {need}, which is not done; run the pipeline without --only")
-        inputs[plan.pipeline.stages[need].task] = plan.store.fetch(need, upstream.key)
+    missing = [need for need in stage.spec.needs if plan.store.manifest(need, plan.stages[need].key) is None]
+    if missing:
+        raise GemstillError(
+            f"stage {name} needs {', '.join(missing)}, not done with these settings; run the pipeline without --only"
+        )
+    inputs = {
+        plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs
+    }
     workdir = plan.store.prepare(name, stage.key, fresh=fresh)
     context = StageContext(
         stage=name,
