@@ -415,6 +415,83 @@ def cache_stats_command(
     Console().print(table)
 
 
+eval_app = typer.Typer(help="Evaluate models on problems code checks.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("reasoning")
+def eval_reasoning(
+    model: ModelOpt,
+    problems: Annotated[str, typer.Option(help="a jsonl file (GSM8K, Game of 24, or heldout.jsonl) or 'generated'")],
+    method: Annotated[str, typer.Option(help="cot (greedy), sc (self-consistency) or tot (tree of thought)")] = "cot",
+    samples: Annotated[int, typer.Option(help="self-consistency: chains per problem")] = 5,
+    temperature: Annotated[float, typer.Option(help="self-consistency: sampling temperature")] = 0.7,
+    breadth: Annotated[int, typer.Option(help="tree of thought: states kept per level")] = 5,
+    limit: Annotated[int | None, typer.Option(help="the first N problems of each kind")] = None,
+    prompt: Annotated[str, typer.Option(help="chat (the model's template) or few-shot")] = "chat",
+    shots: Annotated[int, typer.Option(help="few-shot: worked examples before each question")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per chain of thought")] = 96,
+    batch_size: Annotated[int, typer.Option(help="prompts per generate call")] = 64,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a model's reasoning on problems code checks; --json prints every problem's record."""
+    from pydantic import ValidationError
+
+    from gemstill.reasoning.config import ReasoningConfig, SelfConsistencyConfig, ToTConfig
+    from gemstill.reasoning.suite import load_text_model, resolve_problems, run_method
+
+    if method not in ("cot", "sc", "tot"):
+        raise GemstillError(f"unknown method {method!r}; use --method cot, sc or tot")
+    try:
+        config = ReasoningConfig(
+            methods=[method],
+            prompt=prompt,
+            shots=shots,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            sc=SelfConsistencyConfig(samples=samples, temperature=temperature),
+            tot=ToTConfig(breadths=[breadth]),
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise GemstillError(f"--{first['loc'][0]}: {first['msg']}".replace("_", "-")) from None
+    chosen = resolve_problems(problems, limit)
+    if method == "tot":
+        chosen = [p for p in chosen if p.kind == "game24"]
+        if not chosen:
+            raise GemstillError(f"{problems}: no Game-of-24 problems for --method tot; use cot or sc for the others")
+    with err.status(f"loading {model}"):
+        text_model = load_text_model(model, model, batch_size=batch_size)
+    text_model.render("check", config.prompt)  # refuses a chat prompt for a model without a chat template
+    by_kind: dict[str, list] = {}
+    for problem in chosen:
+        by_kind.setdefault(problem.kind, []).append(problem)
+    results = [run_method(text_model, group, method, config, breadth) for group in by_kind.values()]
+    records = [record for result in results for record in result.to_json()["records"]]
+    correct = sum(r["correct"] for r in records)
+    if as_json:
+        print(
+            json.dumps(
+                {"accuracy": correct / len(records), "correct": correct, "total": len(records), "records": records},
+                ensure_ascii=False,
+            )
+        )
+        return
+    table = Table("method", "kind", "problems", "correct", "accuracy", "tokens / problem")
+    for kind, result in zip(by_kind, results, strict=True):
+        table.add_row(
+            result.method,
+            kind,
+            str(result.total),
+            str(result.correct),
+            f"{result.accuracy:.1%}",
+            f"{result.tokens_per_problem:.0f}",
+        )
+    Console().print(table)
+    print(f"accuracy: {correct}/{len(records)} = {correct / len(records):.1%}")
+
+
 def main() -> None:
     """Entry point: GemstillError becomes one line on stderr and exit code 1, never a traceback."""
     try:

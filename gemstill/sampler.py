@@ -76,6 +76,10 @@ def _decode(graphdef, state, tokens, positions, cache: Cache):
 
 
 _choose = jax.jit(choose_tokens, static_argnums=(2, 3, 4))
+# the graph definition is a static argument, so models of one structure (a student and its baseline) share the
+# compiled prefill and decode step instead of compiling their own
+_prefill_jit = jax.jit(_prefill, static_argnums=0)
+_decode_jit = jax.jit(_decode, static_argnums=0, donate_argnums=(4,))
 
 
 class Sampler:
@@ -84,8 +88,8 @@ class Sampler:
     def __init__(self, model: Gemma3):
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
-        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef))
-        self._decode = jax.jit(functools.partial(_decode, self.graphdef), donate_argnums=(3,))
+        self._prefill = functools.partial(_prefill_jit, self.graphdef)
+        self._decode = functools.partial(_decode_jit, self.graphdef)
 
     def generate(
         self,

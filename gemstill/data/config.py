@@ -18,6 +18,12 @@ class GeneratedCorpusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arithmetic: int = Field(2000, ge=0, description="number of multi-step arithmetic word problems")
     game24: int = Field(500, ge=0, le=MAX_GAME24, description="number of distinct solvable Game-of-24 puzzles")
+    basic: int = Field(0, ge=0, description="number of one- or two-step problems on single-digit numbers")
+    tot_exercises: bool = Field(
+        False,
+        description="also teach the tree-of-thought language on each trained Game-of-24 puzzle: a propose "
+        "exercise (next steps) and a value exercise (sure / impossible) per reached state",
+    )
     seed: int = Field(0, description="seed of the generators; the same seed gives the same problems")
     heldout_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of problems kept apart for evaluation and never trained on"

@@ -20,15 +20,19 @@ from gemstill.data.config import MAX_GAME24, GeneratedCorpusConfig
 
 class Problem(TypedDict):
     id: str  # stable, derived from the content
-    kind: Literal["arithmetic", "game24"]
+    kind: Literal["arithmetic", "basic", "game24"]
     question: str
     solution: str  # step-by-step, ending in a line "Answer: ..."
     answer: str  # the final answer: an integer, or a Game-of-24 expression
 
 
 def generate(config: GeneratedCorpusConfig) -> list[Problem]:
-    """All problems of the configured corpus: arithmetic first, then Game of 24."""
-    return arithmetic_problems(config.arithmetic, config.seed) + game24_problems(config.game24, config.seed)
+    """All problems of the configured corpus: arithmetic first, then Game of 24, then the basic problems."""
+    return (
+        arithmetic_problems(config.arithmetic, config.seed)
+        + game24_problems(config.game24, config.seed)
+        + basic_problems(config.basic, config.seed)
+    )
 
 
 def stable_unit(key: str) -> float:
@@ -251,23 +255,62 @@ def _verify_arithmetic(problem: Problem, answer: str) -> bool:
     return match is not None and int(match.group(1)) == int(problem["answer"])
 
 
+# --- basic problems: one or two steps on single-digit numbers -------------------------------------------------
+
+_GAINS = ["finds", "gets", "buys", "picks"]
+_LOSSES = ["gives away", "loses", "eats", "sells"]
+
+
+def _basic(rng: random.Random) -> Problem:
+    """ "Leo has 3 cards. He finds 5 more and loses 2. How many cards does he have now?": the facts a small model
+    can learn in minutes (sums to 18, differences of them), so a tiny teacher's reasoning is measurable."""
+    (name, pronoun), thing = rng.choice(_NAMES), rng.choice(_THINGS + _ITEMS)
+    steps = _Steps()
+    start = rng.randint(2, 9)  # "has 1 cards" reads wrong
+    question = f"{name} has {start} {thing}."
+    value, clauses = start, []
+    for _ in range(rng.randint(1, 2)):
+        if value > 1 and rng.random() < 0.5:
+            amount = rng.randint(1, min(9, value - 1))
+            clauses.append(f"{rng.choice(_LOSSES)} {amount}")
+            value = steps(f"{thing.capitalize()} left", value, "-", amount)
+        else:
+            amount = rng.randint(1, 9)
+            clauses.append(f"{rng.choice(_GAINS)} {amount} more")
+            value = steps(f"{thing.capitalize()} now", value, "+", amount)
+    question += f" {pronoun.capitalize()} {' and '.join(clauses)}. How many {thing} does {pronoun} have now?"
+    answer = str(value)
+    return Problem(
+        id="basic-" + hashlib.sha256(question.encode()).hexdigest()[:12],
+        kind="basic",
+        question=question,
+        solution="\n".join([*steps.lines, f"Answer: {answer}"]),
+        answer=answer,
+    )
+
+
+def basic_problems(count: int, seed: int) -> list[Problem]:
+    """`count` distinct problems of one or two single-digit additions or subtractions."""
+    return _unique(_basic, "basic", count, seed)
+
+
 # --- Game of 24 -----------------------------------------------------------------------------------------------
 
 _Item = tuple[Fraction, str]  # a value and the expression that makes it
 
 
-def _show(value: Fraction) -> str:
+def show_number(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
 def _operand(value: Fraction) -> str:
-    return _show(value) if value.denominator == 1 else f"({_show(value)})"
+    return show_number(value) if value.denominator == 1 else f"({show_number(value)})"
 
 
 def _wrap(item: _Item) -> str:
     """An item's expression, in parentheses unless it is a bare number."""
     value, expr = item
-    return expr if expr == _show(value) else f"({expr})"
+    return expr if expr == show_number(value) else f"({expr})"
 
 
 def _moves(items: list[_Item]) -> Iterator[tuple[_Item, str, _Item, Fraction, list[_Item]]]:
@@ -285,12 +328,12 @@ def _moves(items: list[_Item]) -> Iterator[tuple[_Item, str, _Item, Fraction, li
 
 
 @functools.cache
-def _reaches_24(values: tuple[Fraction, ...]) -> bool:
+def reaches_24(values: tuple[Fraction, ...]) -> bool:
     """Whether these numbers (sorted) can make 24 with + - * /, each used once."""
     if len(values) == 1:
         return values[0] == 24
     items = [(value, "") for value in values]
-    return any(_reaches_24(_key([*rest, (value, "")])) for _, _, _, value, rest in _moves(items))
+    return any(reaches_24(_key([*rest, (value, "")])) for _, _, _, value, rest in _moves(items))
 
 
 def _key(items: list[_Item]) -> tuple[Fraction, ...]:
@@ -298,14 +341,14 @@ def _key(items: list[_Item]) -> tuple[Fraction, ...]:
 
 
 def _left(items: list[_Item]) -> str:
-    return " ".join(_show(value) for value in _key(items))
+    return " ".join(show_number(value) for value in _key(items))
 
 
 def _game24(rng: random.Random, max_dead_ends: int = 2) -> Problem | None:
     """A solvable puzzle with a search trace: a few dead-end first steps, then the path to 24."""
     numbers = sorted(rng.randint(1, 13) for _ in range(4))
     items = [(Fraction(n), str(n)) for n in numbers]
-    if not _reaches_24(_key(items)):
+    if not reaches_24(_key(items)):
         return None
     lines = ["Combine two numbers at a time until one number is left, and drop choices that cannot reach 24."]
     dead_ends = 0
@@ -314,8 +357,8 @@ def _game24(rng: random.Random, max_dead_ends: int = 2) -> Problem | None:
         rng.shuffle(moves)
         for x, op, y, value, rest in moves:
             new = [*rest, (value, f"{_wrap(x)} {op} {_wrap(y)}")]
-            text = f"{_operand(x[0])} {op} {_operand(y[0])} = {_show(value)}"
-            if _reaches_24(_key(new)):
+            text = f"{_operand(x[0])} {op} {_operand(y[0])} = {show_number(value)}"
+            if reaches_24(_key(new)):
                 lines.append(f"try {text}, left {_left(new)} -> {'possible' if len(new) > 1 else 'reached 24'}")
                 items = new
                 break
@@ -408,4 +451,8 @@ def _verify_game24(problem: Problem, answer: str) -> bool:
     return value == 24 and sorted(reader.numbers) == game24_numbers(problem)
 
 
-_VERIFIERS: dict[str, Callable[[Problem, str], bool]] = {"arithmetic": _verify_arithmetic, "game24": _verify_game24}
+_VERIFIERS: dict[str, Callable[[Problem, str], bool]] = {
+    "arithmetic": _verify_arithmetic,
+    "basic": _verify_arithmetic,
+    "game24": _verify_game24,
+}

@@ -9,6 +9,7 @@ import dataclasses
 import heapq
 import io
 import json
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,14 @@ def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Exampl
     problems = generate(config.generated)
     heldout = [p for p in problems if is_heldout(p, config.generated.heldout_fraction)]
     kept = [p for p in problems if not is_heldout(p, config.generated.heldout_fraction)]
-    return [problem_messages(p) for p in kept], heldout
+    examples: list[Example] = [problem_messages(p) for p in kept]
+    if config.generated.tot_exercises:
+        from gemstill.data.game24_tot import exercises
+
+        for problem in kept:
+            if problem["kind"] == "game24":
+                examples += exercises(problem, random.Random(f"exercises:{problem['id']}"))
+    return examples, heldout
 
 
 def problem_messages(problem: Problem) -> list[dict[str, str]]:

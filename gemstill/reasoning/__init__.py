@@ -1,0 +1,1 @@
+"""Reasoning evaluation: chain of thought, self-consistency and tree-of-thought search on problems code checks."""
