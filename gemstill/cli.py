@@ -415,7 +415,7 @@ def cache_stats_command(
     Console().print(table)
 
 
-eval_app = typer.Typer(help="Evaluate models on problems code checks.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models: reasoning suites, the nightly flow, its history.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -490,6 +490,74 @@ def eval_reasoning(
         )
     Console().print(table)
     print(f"accuracy: {correct}/{len(records)} = {correct / len(records):.1%}")
+
+
+# --- the nightly evaluation: `eval nightly` runs the flow in-process, `eval history` reads what the nights recorded
+
+
+@eval_app.command("nightly")
+def eval_nightly(
+    profile: Annotated[str, typer.Argument(help="profile name (profiles/NAME.yaml) or YAML path")],
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the nightly evaluation flow in-process: score the latest committed models, append the night to the
+    store's history; a metric that regressed past its threshold fails it (exit 1, naming the metric)."""
+    from gemstill.nightly import select_night
+    from gemstill.pipeline.plan import make_plan
+
+    overrides = _overrides(set_)
+    select_night(make_plan(profile, None, store, overrides))  # refuse bad settings or an empty store before Prefect
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from gemstill.flows.nightly import nightly_eval
+
+    night = nightly_eval(profile=profile, store=store, overrides=overrides)
+    against = night["previous_run_time"] or "nothing (the first night)"
+    table = Table("model", "suite", "previous", "tonight", "change", title=f"night of {night['run_time']}")
+    table.add_column("metric", overflow="fold")
+    for change in night["changes"]:
+        previous = change["previous"]
+        table.add_row(
+            change["model"],
+            change["suite"],
+            "-" if previous is None else f"{previous:.4f}",
+            f"{change['current']:.4f}",
+            "-" if previous is None else f"{change['current'] - previous:+.4f}",
+            change["metric"],
+        )
+    Console().print(table)
+    print(f"compared with {against}; no regression. Report: {night['report']}  trend: {night['trend']}")
+
+
+@eval_app.command("history")
+def eval_history(
+    profile: Annotated[str, typer.Argument(help="profile name or YAML path")],
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of the history's rows")] = False,
+) -> None:
+    """Every night's metrics: run_time, model, model_key, suite, metric, value."""
+    from gemstill.nightly import HISTORY_FILE, nightly_dir
+    from gemstill.nightly_history import FIELDS, nights, read_history
+    from gemstill.pipeline.profile import load_profile
+    from gemstill.pipeline.store import ArtifactStore
+
+    loaded, _ = load_profile(profile, _overrides(set_))
+    path = nightly_dir(ArtifactStore(store or loaded.store)) / HISTORY_FILE
+    rows = read_history(path)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    if not rows:
+        print(f"no nightly runs recorded in {path}; run: gemstill eval nightly {profile}")
+        return
+    table = Table(title=f"nightly history: {loaded.name}")
+    for field in FIELDS:
+        table.add_column(field, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row[k]) for k in FIELDS[:-1]), f"{row['value']:.4f}")
+    Console().print(table)
+    print(f"{len(nights(rows))} night(s) in {path}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""PNG plots of results a person would rather look at than read (loss curves)."""
+"""PNG plots of results a person would rather look at than read (loss curves, nightly trends)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gemstill.fsutil import atomic_write_bytes
+
+
+def save_figure(path: Path, figure) -> Path:
+    """Lay out a matplotlib figure, write it atomically as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def save_loss_curve(path: Path, history: Sequence[dict[str, float]], title: str, key: str = "loss") -> Path:
@@ -22,8 +33,4 @@ def save_loss_curve(path: Path, history: Sequence[dict[str, float]], title: str,
     axes.set_ylabel(key)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return atomic_write_bytes(Path(path), buffer.getvalue())
+    return save_figure(path, figure)

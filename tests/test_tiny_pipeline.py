@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import seed_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,9 @@ def file_digests(directory: Path, pattern: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    """One uninterrupted run of the tiny profile, timed."""
-    store = tmp_path_factory.mktemp("tiny-store")
+def full_run(tmp_path_factory, tiny_teacher):
+    """One uninterrupted run of the tiny profile from the session's pretrained teacher, timed."""
+    store = seed_store(tiny_teacher, tmp_path_factory.mktemp("tiny") / "store")
     began = time.perf_counter()
     result = gemstill("run", "tiny", "--store", str(store))
     seconds = time.perf_counter() - began
@@ -61,6 +62,7 @@ def test_full_run_then_all_cached(full_run):
         ("quantize", "done"),
         ("qat", "done"),
         ("evaluate", "done"),
+        ("evaluate_reasoning", "done"),
         ("export", "done"),
     ]
     manifests = {p.parent.parent.name: p.stat().st_mtime_ns for p in store.glob("*/*/manifest.json")}
@@ -68,7 +70,7 @@ def test_full_run_then_all_cached(full_run):
     again = gemstill("run", "tiny", "--store", str(store))
     second_seconds = time.perf_counter() - began
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("cached") == 10
+    assert again.stdout.count("cached") == 11
     assert {p.parent.parent.name: p.stat().st_mtime_ns for p in store.glob("*/*/manifest.json")} == manifests
     assert second_seconds < first_seconds / 2, (first_seconds, second_seconds)
 
@@ -88,6 +90,7 @@ def test_status_shows_stale_after_a_config_change(full_run):
         "quantize": "stale",
         "qat": "stale",
         "evaluate": "stale",
+        "evaluate_reasoning": "stale",
         "export": "stale",
     }
 
@@ -122,9 +125,9 @@ def test_cache_stats(full_run):
     assert all(row["tokens"] > 0 and 0 < row["mean_kept_mass"] <= 1 for row in rows.values())
 
 
-def test_sigkill_mid_teacher_cache_resumes_to_identical_artifacts(full_run, tmp_path):
+def test_sigkill_mid_teacher_cache_resumes_to_identical_artifacts(full_run, tiny_teacher, tmp_path):
     reference_store, _, _ = full_run
-    store = tmp_path / "store"
+    store = seed_store(tiny_teacher, tmp_path / "store")
     process = subprocess.Popen(
         [sys.executable, "-m", "gemstill", "run", "tiny", "--store", str(store)],
         cwd=REPO,
@@ -256,3 +259,106 @@ def test_llama_cpp_runs_the_tiny_exports(full_run, fmt):
     expected = (scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True))[np.arange(len(ids) - 1), ids[1:]]
     delta = np.abs(Scorer(ours.model).logprobs([ids])[0] - expected)
     assert np.median(delta) < 0.05 and delta.max() < 0.5, (np.median(delta), delta.max())
+
+
+def test_reasoning_stage_teacher_solves_its_heldout_problems(full_run):
+    """The tiny teacher solves a clear share of its held-out basic problems by greedy CoT, far above the best
+    constant answer; every model and method is measured; each row recounts from its per-problem records; and
+    `gemstill eval reasoning --json` on the teacher reproduces the stage's CoT score."""
+    import collections
+
+    store, _, _ = full_run
+    stage = stage_dir(store, "evaluate_reasoning")
+    rows = json.loads((stage / "report.json").read_text())["rows"]
+    by = {(r["model"], r["method"], r["kind"]): r for r in rows}
+    models = ["teacher", "student", "baseline", "student-q8_0-ptq", "student-q4_0-ptq", "student-q4_0-qat"]
+    assert list(dict.fromkeys(r["model"] for r in rows)) == models
+    for model in models:
+        assert {(m, k) for (name, m, k) in by if name == model} == {
+            ("cot", "basic"),
+            ("cot", "game24"),
+            ("sc", "basic"),
+            ("sc", "game24"),
+            ("tot-b1", "game24"),
+            ("tot-b5", "game24"),
+        }
+    heldout = [json.loads(line) for line in (stage_dir(store, "prepare_data") / "heldout.jsonl").open()]
+    basic = [p for p in heldout if p["kind"] == "basic"][:48]
+    constant = collections.Counter(p["answer"] for p in basic).most_common(1)[0][1] / len(basic)
+    teacher = by[("teacher", "cot", "basic")]
+    assert teacher["total"] == len(basic)
+    assert teacher["accuracy"] >= max(0.3, 3 * constant), (teacher, constant)
+    for row in rows:
+        records = [
+            json.loads(line)
+            for line in (stage / "records" / row["model"] / f"{row['method']}-{row['kind']}.jsonl").open()
+        ]
+        assert (len(records), sum(r["correct"] for r in records)) == (row["total"], row["correct"])
+        assert row["tokens_per_problem"] == pytest.approx(sum(r["tokens"] for r in records) / len(records))
+    assert by[("student", "cot", "basic")]["fraction_of_teacher"] == pytest.approx(
+        by[("student", "cot", "basic")]["accuracy"] / teacher["accuracy"]
+    )
+    for name in ("report.md", "reasoning.png"):
+        assert (stage / name).stat().st_size > 0
+    assert "tot-b5" in (stage / "report.md").read_text()
+    teacher_spec = f"orbax:{stage_dir(store, 'pretrain_teacher') / 'model'}"
+    problems = stage_dir(store, "prepare_data") / "heldout.jsonl"
+    result = gemstill(
+        "eval",
+        "reasoning",
+        "--model",
+        teacher_spec,
+        "--problems",
+        str(problems),
+        "--method",
+        "cot",
+        "--limit",
+        "48",
+        "--max-new-tokens",
+        "64",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    basic_records = [r for r in report["records"] if r["id"].startswith("basic-")]
+    assert sum(r["correct"] for r in basic_records) == teacher["correct"]
+    assert report["correct"] == sum(r["correct"] for r in report["records"])
+
+
+def test_cot_distillation_trains_on_the_teachers_verified_solutions(full_run, tiny_teacher, tmp_path):
+    """The from-scratch-cot pipeline reuses the tiny run's data and teacher, lets the teacher write solutions to
+    the training problems, keeps only those code verifies (every kept one is, every rejected one is not or was
+    cut), packs them as the student's train split beside prepare_data's unchanged validation split, and distils
+    and scores students on it: CoT accuracy of both students measured against the reference-data run's."""
+    from gemstill.data.generated import basic_problems, game24_problems, verify
+
+    reference, _, _ = full_run
+    store = seed_store(tiny_teacher, tmp_path / "store")
+    result = gemstill("run", "tiny", "--set", "pipeline=from-scratch-cot", "--store", str(store))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("cached") == 2  # prepare_data and pretrain_teacher: the same keys
+    generated = stage_dir(store, "teacher_generate")
+    stats = json.loads((generated / "data_stats.json").read_text())
+    split = stats["teacher_generate"]
+    records = [json.loads(line) for line in (generated / "generations.jsonl").open()]
+    assert len(records) == split["samples"] == 4 * split["prompts"] > 0
+    problems = {p["question"]: p for p in basic_problems(1500, 0) + game24_problems(200, 0)}
+    for record in records:
+        assert record["verified"] == verify(problems[record["question"]], record["output"].strip())
+        assert not record["kept"] or (record["verified"] and record["finished"])
+    assert sum(r["kept"] for r in records) == split["teacher_examples"] > 0
+    assert stats["train"]["documents"] == split["teacher_examples"] + split["reference_examples"]
+    data = stage_dir(store, "prepare_data")
+    for name in ("validation.parquet", "heldout.jsonl", "tokenizer.model"):
+        assert (generated / name).read_bytes() == (data / name).read_bytes()
+
+    def cot_basic(store: Path) -> dict[str, dict]:
+        rows = json.loads((stage_dir(store, "evaluate_reasoning") / "report.json").read_text())["rows"]
+        return {r["model"]: r for r in rows if (r["method"], r["kind"]) == ("cot", "basic")}
+
+    ours, theirs = cot_basic(store), cot_basic(reference)
+    assert ours["teacher"]["correct"] == theirs["teacher"]["correct"]  # one teacher, one greedy decode
+    print(
+        "CoT on held-out basic problems, trained on the reference solutions vs the teacher's: "
+        + ", ".join(f"{m} {theirs[m]['accuracy']:.1%} vs {ours[m]['accuracy']:.1%}" for m in ("student", "baseline"))
+    )

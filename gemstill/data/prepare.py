@@ -65,10 +65,7 @@ def prepare_data(
     if tokenizer is None:
         tokenizer = train_sentencepiece(corpus_lines(examples), train_tokenizer or TokenizerTrainingConfig())
         log(f"prepare_data: trained a {tokenizer.vocab_size}-piece SentencePiece BPE tokenizer on the corpus")
-    documents = [
-        tokenize(example, tokenizer, config.chat_template, config.seq_len, index)
-        for index, example in enumerate(tqdm(examples, desc="tokenize", unit="doc"))
-    ]
+    documents = tokenize_all(examples, tokenizer, config)
     tokenizer_path = tokenizer.save(out_dir)
     is_validation = validation_mask(examples, config.validation_fraction)
     stats: dict[str, Any] = {
@@ -80,20 +77,49 @@ def prepare_data(
             "fingerprint": bytes_fingerprint(tokenizer_path.read_bytes()),
         },
     }
-    for split_index, split in enumerate(("train", "validation")):
+    for split in ("train", "validation"):
         wanted = split == "validation"
         chosen = [doc for doc, in_validation in zip(documents, is_validation, strict=True) if in_validation == wanted]
-        order = np.random.default_rng([config.seed, split_index]).permutation(len(chosen))
-        rows = pack([chosen[i] for i in order], config.seq_len, split)
-        cap = config.max_sequences if split == "train" and config.max_sequences is not None else len(rows)
-        arrays = to_arrays(rows[:cap], config.seq_len)
-        write_split(out_dir, split, **arrays)
-        stats[split] = split_stats(arrays, documents=len(chosen), dropped=max(len(rows) - cap, 0))
+        stats[split] = write_packed_split(out_dir, split, chosen, config)
         log(f"prepare_data: {split}: {stats[split]}")
 
     atomic_write_bytes(out_dir / "heldout.jsonl", "".join(json.dumps(p) + "\n" for p in heldout).encode())
     atomic_write_bytes(out_dir / "data_stats.json", (json.dumps(stats, indent=2) + "\n").encode())
     return stats
+
+
+def tokenize_all(examples: Sequence[Example], tokenizer: Tokenizer, config: DataConfig) -> list[Document]:
+    return [
+        tokenize(example, tokenizer, config.chat_template, config.seq_len, index)
+        for index, example in enumerate(tqdm(examples, desc="tokenize", unit="doc"))
+    ]
+
+
+def write_packed_split(out_dir: Path, split: str, documents: Sequence[Document], config: DataConfig) -> dict[str, Any]:
+    """Shuffle (seeded per split), pack and write one split; returns its statistics."""
+    split_index = ("train", "validation").index(split)
+    order = np.random.default_rng([config.seed, split_index]).permutation(len(documents))
+    rows = pack([documents[i] for i in order], config.seq_len, split)
+    cap = config.max_sequences if split == "train" and config.max_sequences is not None else len(rows)
+    arrays = to_arrays(rows[:cap], config.seq_len)
+    write_split(out_dir, split, **arrays)
+    return split_stats(arrays, documents=len(documents), dropped=max(len(rows) - cap, 0))
+
+
+def training_examples(config: DataConfig, scratch_dir: Path) -> list[Example]:
+    """The examples prepare_data packs into the train split, in its order (validation ones left out)."""
+    examples, _ = collect_examples(config, scratch_dir)
+    is_validation = validation_mask(examples, config.validation_fraction)
+    return [example for example, in_validation in zip(examples, is_validation, strict=True) if not in_validation]
+
+
+def generated_problems(config: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    """The generated problems trained on (collect_examples makes them examples) and those held out."""
+    if config.source != "generated":
+        return [], []
+    problems = generate(config.generated)
+    fraction = config.generated.heldout_fraction
+    return [p for p in problems if not is_heldout(p, fraction)], [p for p in problems if is_heldout(p, fraction)]
 
 
 def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Example], list[Problem]]:
@@ -104,9 +130,7 @@ def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Exampl
     if config.source == "python-docs":
         docs = config.python_docs
         return list(stdlib_documents(docs.min_chars, docs.max_documents)), []
-    problems = generate(config.generated)
-    heldout = [p for p in problems if is_heldout(p, config.generated.heldout_fraction)]
-    kept = [p for p in problems if not is_heldout(p, config.generated.heldout_fraction)]
+    kept, heldout = generated_problems(config)
     examples: list[Example] = [problem_messages(p) for p in kept]
     if config.generated.tot_exercises:
         from gemstill.data.game24_tot import exercises

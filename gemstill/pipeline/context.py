@@ -26,6 +26,11 @@ class StageContext:
     log: Callable[[str], None] = print
     input_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)  # upstream stage name -> its key
 
+    def training_data(self) -> Path:
+        """The packed data a student trains on: the teacher's solutions where the pipeline has a
+        teacher_generate stage upstream, else prepare_data's reference split."""
+        return self.inputs.get("teacher_generate") or self.input("prepare_data")
+
     def input(self, task: str) -> Path:
         if task not in self.inputs:
             raise GemstillError(

@@ -17,6 +17,7 @@ from gemstill.errors import GemstillError
 from gemstill.export import ExportTarget, default_exports
 from gemstill.pipeline.yamlio import read_yaml, validate
 from gemstill.pretrain import PretrainConfig
+from gemstill.reasoning.config import ReasoningConfig, TeacherGenerateConfig
 from gemstill.teacher_cache.config import TeacherCacheConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +106,17 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(4, ge=1)
 
 
+class NightlyConfig(BaseModel):
+    """The nightly evaluation flow: its suites, and how far a metric may worsen from the previous night (in its
+    own units, absolute) before the flow run fails naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+    suites: list[Literal["heldout", "reasoning"]] = Field(default_factory=lambda: ["heldout", "reasoning"])
+    max_regression: dict[str, float] = Field(
+        default_factory=lambda: {"val_nll": 0.05, "kl_to_teacher": 0.05, "accuracy": 0.05}
+    )
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -119,6 +131,9 @@ class Profile(BaseModel):
     distill: DistillConfig = DistillConfig()
     training: TrainingConfig = TrainingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    reasoning: ReasoningConfig = ReasoningConfig()
+    teacher_generate: TeacherGenerateConfig = TeacherGenerateConfig()
+    nightly: NightlyConfig = NightlyConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     qat: QATConfig = QATConfig()
     export: list[ExportTarget] = Field(default_factory=default_exports)

@@ -133,7 +133,7 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     for fmt in profile.qat.formats:
         out = ctx.workdir / fmt
         run = qat_run(profile, config, params, ctx.input("teacher_cache"), fmt)
-        result = train(run, ctx.input("prepare_data"), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
+        result = train(run, ctx.training_data(), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
         _, master = load_native(out / "model")
         save_variant(out, config, master, fmt, tokenizer, profile.quantize.embedding)
         metrics.update({f"{fmt}_{k}": v for k, v in result.items() if k in ("validation_loss", "final_train_loss")})

@@ -11,7 +11,7 @@ import numpy as np
 
 from gemstill.errors import GemstillError
 from gemstill.memory import estimate
-from gemstill.pipeline import quant_stages, student_stages
+from gemstill.pipeline import quant_stages, reasoning_stages, student_stages
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.profile import Profile
 
@@ -59,7 +59,7 @@ def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.teacher_cache.writer import build_teacher_cache
 
     teacher = load_teacher(ctx)
-    return build_teacher_cache(ctx.profile.teacher_cache, ctx.input("prepare_data"), teacher, ctx.workdir, log=ctx.log)
+    return build_teacher_cache(ctx.profile.teacher_cache, ctx.training_data(), teacher, ctx.workdir, log=ctx.log)
 
 
 def teacher_config(profile: Profile):
@@ -182,6 +182,46 @@ BUILTIN.update(
             reads=("teacher", "evaluate", "quantize", "qat.formats", "precision", "_teacher_identity"),
             code=("gemstill.distill.evaluate", "gemstill.model", "gemstill.quant", "gemstill.pipeline.quant_stages"),
         ),
+        "evaluate_reasoning": StageTask(
+            fn=reasoning_stages.evaluate_reasoning_stage,
+            reads=(
+                "teacher",
+                "reasoning",
+                "quantize",
+                "qat.formats",
+                "precision",
+                "_teacher_identity",
+                "_problem_files",
+            ),
+            code=(
+                "gemstill.pipeline.reasoning_stages",
+                "gemstill.reasoning.suite",
+                "gemstill.reasoning.cot",
+                "gemstill.reasoning.tot",
+                "gemstill.reasoning.models",
+                "gemstill.reasoning.problems",
+                "gemstill.reasoning.records",
+                "gemstill.reasoning.report",
+                "gemstill.data.game24_tot",
+                "gemstill.sampler",
+                "gemstill.model",
+            ),
+        ),
+        "teacher_generate": StageTask(
+            fn=reasoning_stages.teacher_generate_stage,
+            reads=("teacher", "data", "teacher_generate", "precision", "_teacher_identity", "_data_identity"),
+            code=(
+                "gemstill.pipeline.reasoning_stages",
+                "gemstill.reasoning.teacher_solutions",
+                "gemstill.reasoning.models",
+                "gemstill.reasoning.suite",
+                "gemstill.data.prepare",
+                "gemstill.data.generated",
+                "gemstill.data.format",
+                "gemstill.sampler",
+                "gemstill.model",
+            ),
+        ),
         "quantize": StageTask(
             fn=quant_stages.quantize_stage,
             reads=("quantize",),
@@ -219,9 +259,19 @@ def _data_identity(profile: Profile) -> Any:
     return platform.python_version() if profile.data.source == "python-docs" else None
 
 
+def _problem_files(profile: Profile) -> Any:
+    """The content of the reasoning problem files: editing one re-runs the reasoning evaluation."""
+    from pathlib import Path
+
+    from gemstill.fingerprint import file_sha256
+
+    return {path: file_sha256(Path(path)) if Path(path).is_file() else None for path in profile.reasoning.problems}
+
+
 DERIVED: dict[str, Callable[[Profile], Any]] = {
     "_teacher_identity": _teacher_spec_identity,
     "_data_identity": _data_identity,
+    "_problem_files": _problem_files,
 }
 
 

@@ -104,7 +104,7 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
     from gemstill.distill.train import train
 
     run = _student_run(ctx, baseline)
-    data_dir = ctx.input("prepare_data")
+    data_dir = ctx.training_data()
     mesh = _mesh(ctx.profile)
     return train(run, data_dir, ctx.workdir, (data_dir / "tokenizer.model").read_bytes(), log=ctx.log, mesh=mesh)
 

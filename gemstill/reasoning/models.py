@@ -22,6 +22,7 @@ from gemstill.sampler import SamplingParams
 class Completion:
     text: str  # without the stop token
     tokens: int  # generated tokens, the stop token included
+    stopped: bool = True  # ended by a stop token, not cut at max_new_tokens
 
 
 class TextModel(Protocol):
@@ -94,7 +95,7 @@ class SamplerModel:
                 kept = ids[:-1] if ids and ids[-1] in stops else ids
                 # embedding rows past the tokenizer's pieces (a padded vocabulary) have no text
                 text = self.tokenizer.decode([t for t in kept if t < self.tokenizer.vocab_size])
-                out.append(Completion(text, len(ids)))
+                out.append(Completion(text, len(ids), stopped=bool(ids) and ids[-1] in stops))
         return out
 
     def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
@@ -141,10 +142,12 @@ class ScriptedModel:
             self.prompts_seen += 1
             if stop_at_newline:
                 text = text.split("\n", 1)[0]
-            words = list(re.finditer(r"\S+", text))[: params.max_new_tokens]  # a word stands for a token
+            words = list(re.finditer(r"\S+", text))  # a word stands for a token
+            stopped = len(words) < params.max_new_tokens
+            words = words[: params.max_new_tokens]
             if words:
                 text = text[: words[-1].end()]
-            out.append(Completion(text, len(words) + 1))
+            out.append(Completion(text, len(words) + stopped, stopped))
         return out
 
     def loglik(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:

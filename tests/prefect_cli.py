@@ -1,0 +1,91 @@
+"""A real Prefect server on 127.0.0.1 for tests, the `prefect` CLI against it, and a process worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+PREFECT_CLI = [sys.executable, "-m", "prefect"]  # the same CLI, run by this interpreter
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(directory: Path) -> Iterator[dict[str, str]]:
+    """A Prefect server with its own home (database) in `directory`; yields the environment clients need."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(directory / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    log_path = directory / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [*PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "Prefect server did not become healthy in 120 s"
+                time.sleep(0.5)
+            yield env
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def prefect(env: dict[str, str], *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*PREFECT_CLI, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def process_worker(env: dict[str, str], log_path: Path, pool: str = "gemstill-process") -> Iterator[None]:
+    """A process worker on `pool` running one flow run at a time, stopped on exit."""
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(
+            [*PREFECT_CLI, "worker", "start", "--pool", pool, "--limit", "1"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
