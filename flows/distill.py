@@ -1,15 +1,40 @@
-"""The generic flow: run any pipeline spec with any profile, skipping stages whose content key is done."""
+"""The generic flow: run any pipeline spec with any profile as a DAG of Prefect task runs, one per stage.
+
+Every stage is a task run, done ones included: those whose content key is committed in the store come back
+`Cached` (the task's cache key is the stage's key), so the UI shows the whole DAG and a flow-run retry resumes
+at the stage that failed. Each stage is submitted with `wait_for` on the stages it needs, so the UI draws the
+edges and independent stages (teacher_cache and layer_map, train_student and train_baseline) run side by side,
+up to `hardware.concurrent_stages` at a time.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gemstill.tasks.stages import artifact_key, run_pipeline_stage
+from gemstill.tasks.stages import artifact_key, deployment_run, run_pipeline_stage
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture, wait
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from gemstill.pipeline.plan import make_plan, select_stages
+from gemstill.pipeline.plan import Plan, make_plan, select_stages
+
+
+def _stage_task(plan: Plan, name: str, forced: set[str]):
+    planned = plan.stages[name]
+    retries = planned.spec.retries
+    done = plan.store.manifest(name, planned.key) is not None
+    return run_pipeline_stage.with_options(
+        name=f"stage:{name}",
+        tags=[f"stage:{name}", f"task:{planned.spec.task}", f"profile:{plan.profile.name}"],
+        retries=retries.count,
+        retry_delay_seconds=exponential_backoff(retries.backoff_seconds)(retries.count) if retries.count else 0,
+        retry_jitter_factor=retries.jitter or None,
+        timeout_seconds=planned.spec.timeout_seconds,
+        # the store is the truth: a key it lacks (or a forced one) runs even if Prefect remembers a result
+        refresh_cache=name in forced or not done,
+    )
 
 
 @flow(name="distill", log_prints=True)
@@ -23,27 +48,31 @@ def distill(
 ) -> dict[str, dict[str, Any]]:
     """Run `profile` through its pipeline (or `pipeline`); `overrides` set dotted profile keys."""
     logger = get_run_logger()
-    plan = make_plan(profile, pipeline, store, overrides)
+    plan = make_plan(profile, pipeline, store, overrides, restricted=deployment_run())
     stages, forced = select_stages(plan, refresh or [], only)
-    results: dict[str, dict[str, Any]] = {}
-    for name in stages:
-        planned = plan.stages[name]
-        manifest = None if name in forced else plan.store.manifest(name, planned.key)
-        if manifest is not None:
-            logger.info("stage %s: done (%s), skipped", name, planned.key)
-            results[name] = {"stage": name, "key": planned.key, "metrics": manifest["metrics"], "cached": True}
-            continue
-        retries = planned.spec.retries
-        runner = run_pipeline_stage.with_options(
-            name=f"stage:{name}",
-            retries=retries.count,
-            retry_delay_seconds=exponential_backoff(retries.backoff_seconds)(retries.count) if retries.count else 0,
-            retry_jitter_factor=retries.jitter or None,
-            timeout_seconds=planned.spec.timeout_seconds,
-        )
-        logger.info("stage %s: running (%s)", name, planned.key)
-        result = runner(profile, name, pipeline, store, overrides, fresh=name in forced)
-        results[name] = {**result, "cached": False}
+    futures: dict[str, PrefectFuture] = {}
+    with ThreadPoolTaskRunner(max_workers=plan.profile.hardware.concurrent_stages) as runner:
+        for name in stages:
+            planned = plan.stages[name]
+            logger.info("stage %s: submitted (%s)", name, planned.key)
+            futures[name] = runner.submit(
+                _stage_task(plan, name, forced),
+                parameters={
+                    "profile": profile,
+                    "stage": name,
+                    "pipeline": pipeline,
+                    "store": store,
+                    "overrides": overrides,
+                    "fresh": name in forced,
+                    "planned_key": planned.key,
+                },
+                wait_for=[futures[need] for need in planned.spec.needs if need in futures],
+            )
+        wait(list(futures.values()))  # let independent branches finish before a failure is raised
+        results: dict[str, dict[str, Any]] = {}
+        for name, future in futures.items():
+            result = future.result()  # raises the first failure, naming its stage
+            results[name] = {**result, "cached": future.state.name == "Cached"}
     create_table_artifact(
         key=artifact_key(f"{plan.profile.name}-pipeline"),
         table=[{"stage": k, "key": v["key"], "cached": v["cached"]} for k, v in results.items()],

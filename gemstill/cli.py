@@ -273,7 +273,9 @@ def run(
     plan = make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded API
     from gemstill.flows.distill import distill
+    from gemstill.logs import quiet_user_errors
 
+    quiet_user_errors()
     results = distill(profile=profile, pipeline=pipeline, refresh=refresh, only=only, store=store, overrides=overrides)
     table = Table("stage", "key", "result", "headline metrics", title=f"profile {profile}")
     for name, result in results.items():
@@ -565,7 +567,8 @@ def main() -> None:
     try:
         app()
     except GemstillError as error:
-        err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+        # plain text: a message is data, never markup (`[student, teacher]` and `[/` print as written)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -109,10 +109,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
 
 
 def spec_identity(spec: str) -> dict[str, Any]:
-    """A cheap identity of what a spec points at (file names, sizes, mtimes; package version for aliases).
-
-    Pipeline cache keys include it, so replacing a checkpoint file invalidates the stages that read it.
+    """What a spec points at, by content: the sha256 of each file (by name inside a directory), never its path
+    or mtime, so the same checkpoint copied to another machine or directory has the same identity; the weights
+    package's version for aliases. Pipeline cache keys include it.
     """
+    from gemstill.fingerprint import cached_file_sha256
+
     scheme, location = parse_spec(spec)
     if scheme == "alias":
         from importlib.metadata import PackageNotFoundError, version
@@ -122,8 +124,15 @@ def spec_identity(spec: str) -> dict[str, Any]:
         except PackageNotFoundError:
             return {"alias": location, "package": None}
     path = Path(location)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-    return {"spec": spec, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    if path.is_file():
+        return {"scheme": scheme, "sha256": cached_file_sha256(path, cache_root())}
+    if not path.is_dir():
+        return {"scheme": scheme, "missing": location}  # the plan still forms; loading it names the problem
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {
+        "scheme": scheme,
+        "files": {str(f.relative_to(path)): cached_file_sha256(f, cache_root()) for f in files},
+    }
 
 
 def load_model(

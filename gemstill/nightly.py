@@ -207,14 +207,14 @@ def heldout_rows(night: Night, profile: Profile, workdir: Path, log: Log = print
 
 def reasoning_settings_hash(night: Night, profile: Profile) -> str:
     """What the teacher's reasoning scores depend on besides the teacher: settings, problems, code."""
-    from gemstill.pipeline.plan import code_version
+    from gemstill.pipeline.code_version import code_version
     from gemstill.pipeline.stages import BUILTIN, DERIVED
 
     payload = {
         "reasoning": profile.reasoning.model_dump(mode="json"),
         "problem_files": DERIVED["_problem_files"](profile),
         "data": night.data_key,
-        "code": code_version(BUILTIN["evaluate_reasoning"].code),
+        "code": code_version((BUILTIN["evaluate_reasoning"].code_root,)),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

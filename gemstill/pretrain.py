@@ -81,8 +81,11 @@ def pretrain(
     data_dir: Path,
     out_dir: Path,
     log: Callable[[str], None] = print,
+    persist: Callable[[Path], None] = lambda path: None,
 ) -> dict[str, Any]:
-    """Train, checkpointing to out_dir/checkpoints; write the final model to out_dir/model (native format)."""
+    """Train, checkpointing to out_dir/checkpoints; write the final model to out_dir/model (native format).
+
+    persist: called with the checkpoint directory after each checkpoint, to mirror it to the store."""
     tokenizer = Tokenizer.from_file(data_dir / "tokenizer.model")
     if tokenizer.vocab_size > model_config.vocab_size:
         raise GemstillError(
@@ -142,6 +145,7 @@ def pretrain(
                 args=ocp.args.StandardSave({"params": params, "opt_state": opt_state, "history": history}),
             )
             manager.wait_until_finished()
+            persist(ckpt_dir)
             log(f"pretrain: step {step + 1}/{settings.steps} loss {loss:.4f} (checkpoint saved)")
     manager.close()
     seconds = time.perf_counter() - began

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from gemstill.tasks.stages import deployment_run
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -19,7 +20,7 @@ from gemstill.pipeline.plan import check_hardware, make_plan
 @task(cache_policy=NO_CACHE, persist_result=False)
 def select_models(profile: str, store: str | None, overrides: dict[str, Any] | None) -> Night:
     """The latest committed student and its teacher, data, baseline and quantized variants."""
-    night = select_night(make_plan(profile, None, store, overrides))
+    night = select_night(make_plan(profile, None, store, overrides, restricted=deployment_run()))
     get_run_logger().info("nightly: scoring %s", ", ".join(f"{m.name} ({m.key})" for m in night.models))
     return night
 
@@ -29,7 +30,7 @@ def evaluate_suite(
     profile: str, store: str | None, overrides: dict[str, Any] | None, night: Night, suite: str
 ) -> list[dict[str, Any]]:
     """One suite's rows (model, model_key, suite, metric, value) for every model of the night."""
-    plan = make_plan(profile, None, store, overrides)
+    plan = make_plan(profile, None, store, overrides, restricted=deployment_run())
     check_hardware(plan.profile)
     return SUITES[suite](night, plan.profile, nightly_dir(plan.store), get_run_logger().info)
 
@@ -39,5 +40,5 @@ def record(
     profile: str, store: str | None, overrides: dict[str, Any] | None, run_time: dt.datetime, rows: list[dict]
 ) -> NightRecord:
     """Append the night to the history (one transaction), compare it with the previous night, draw the trend."""
-    plan = make_plan(profile, None, store, overrides)
+    plan = make_plan(profile, None, store, overrides, restricted=deployment_run())
     return record_night(nightly_dir(plan.store), plan.profile, run_time, rows)

@@ -1,7 +1,7 @@
 """One Prefect task that runs any pipeline stage: a thin wrapper over gemstill.pipeline.plan.run_stage.
 
-Its result is the stage's small JSON manifest, never arrays or checkpoints; Prefect's own caching is off
-because the artifact store caches by content.
+Its result is the stage's small JSON manifest, never arrays or checkpoints. Prefect caches it under the stage's
+content key (stage_cache_key), so a done stage is a `Cached` task run; the artifact store stays the truth.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from gemstill.errors import GemstillError
 from gemstill.pipeline.plan import make_plan, run_stage
@@ -21,12 +20,26 @@ def artifact_key(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
+def deployment_run() -> bool:
+    """Whether this flow run was started from a deployment: then its parameters come from whoever started it, and
+    the plan is restricted to what the worker is configured with (gemstill.pipeline.trust)."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key of a stage run: the stage's content key, so a run whose key is committed shows as
+    `Cached` (the flow refreshes the cache wherever the store lacks the key, so the two never disagree)."""
+    return f"gemstill-{parameters['stage']}-{parameters['planned_key']}"
+
+
 def _retry_unless_user_error(task, task_run, state) -> bool:
     """A GemstillError names bad input: retrying cannot help, so fail at once."""
     return not isinstance(state.result(raise_on_failure=False), GemstillError)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_unless_user_error)
+@task(cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_retry_unless_user_error)
 def run_pipeline_stage(
     profile: str,
     stage: str,
@@ -34,10 +47,18 @@ def run_pipeline_stage(
     store: str | None = None,
     overrides: dict[str, Any] | None = None,
     fresh: bool = False,
+    planned_key: str = "",
 ) -> dict[str, Any]:
-    """Rebuild the plan in this process (so any worker can run it) and run one stage of it."""
+    """Rebuild the plan in this process (so any worker can run it) and run one stage of it, refusing at once if
+    the stage's key here is not the one the flow planned."""
     logger = get_run_logger()
-    plan = make_plan(profile, pipeline, store, overrides)
+    plan = make_plan(profile, pipeline, store, overrides, restricted=deployment_run())
+    key = plan.stages[stage].key
+    if planned_key and key != planned_key:
+        raise GemstillError(
+            f"stage {stage}: its key here is {key} but the flow planned {planned_key}: the code, profile, data or "
+            "teacher changed since the run started (or differ on this worker); start the run again"
+        )
     manifest = run_stage(plan, stage, fresh=fresh, log=logger.info)
     rows = [{"metric": k, "value": v} for k, v in manifest["metrics"].items()]
     create_table_artifact(

@@ -68,6 +68,17 @@ def prefect_server(tmp_path):
         yield env
 
 
+# the pipeline-machinery tests' profile: custom stages only (tests/pipeline_stages.py), a from-scratch teacher
+# that no stage trains
+MACHINERY_PROFILE = """
+name: machinery
+pipeline: {pipeline}
+store: {store}
+teacher:
+  scratch:
+    architecture: {{num_layers: 2, embed_dim: 32, hidden_dim: 64, num_heads: 2, num_kv_heads: 1, head_dim: 16,
+                   sliding_window: 8}}
+"""
 TEACHER_STAGES = ("prepare_data", "pretrain_teacher")
 
 

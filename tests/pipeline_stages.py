@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,38 @@ def flaky(ctx: StageContext) -> dict[str, Any]:
 def bad_input(ctx: StageContext) -> dict[str, Any]:
     _record(ctx)
     raise GemstillError("injected bad input; fix the profile")
+
+
+def halting(ctx: StageContext) -> dict[str, Any]:
+    """`double`, but slow (writes its file in two halves, a second apart) and failing on demand: with
+    $GEMSTILL_TEST_FAIL naming the stage, it raises after writing half of its output."""
+    _record(ctx)
+    numbers = json.loads((ctx.input("pipeline_stages:source") / "numbers.json").read_text())
+    out = ctx.workdir / "doubled.json"
+    text = json.dumps([2 * n + ctx.profile.data.seed for n in numbers])
+    out.write_text(text[: len(text) // 2])
+    if os.environ.get("GEMSTILL_TEST_FAIL") == ctx.stage:
+        raise RuntimeError("injected failure halfway through")
+    time.sleep(float(os.environ.get("GEMSTILL_TEST_SLEEP", "0")))
+    out.write_text(text)
+    return {"sum": sum(json.loads(text))}
+
+
+def after_left(ctx: StageContext) -> dict[str, Any]:
+    _record(ctx)
+    return {}
+
+
+def resumable(ctx: StageContext) -> dict[str, Any]:
+    """Work in two halves, persisting the first: with $GEMSTILL_TEST_FAIL naming the stage it dies after the first
+    half; a later run (on any machine that sees the store) finds that half and does only the second."""
+    _record(ctx)
+    first = ctx.workdir / "first-half.json"
+    resumed = first.is_file()
+    if not resumed:
+        first.write_text(json.dumps({"half": 1}))
+        ctx.persist(first)
+    if os.environ.get("GEMSTILL_TEST_FAIL") == ctx.stage:
+        raise RuntimeError("killed after the first half")
+    (ctx.workdir / "second-half.json").write_text(json.dumps({"half": 2}))
+    return {"resumed": resumed, "halves": 2}

@@ -89,3 +89,33 @@ def process_worker(env: dict[str, str], log_path: Path, pool: str = "gemstill-pr
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+_TASK_STATES = """
+import json, re, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+with get_client(sync_client=True) as client:
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))
+print(json.dumps({r.name.rsplit("-", 1)[0]: r.state.name for r in runs}))
+"""
+
+
+def flow_run_id(output: str) -> str:
+    """The flow run id `prefect deployment run` prints."""
+    import re
+
+    match = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    assert match, output[-2000:]
+    return match.group(1)
+
+
+def task_run_states(env: dict[str, str], flow_run: str) -> dict[str, str]:
+    """{task run name without its suffix: state name} of one flow run, read from the server's API."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-c", _TASK_STATES, flow_run], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)

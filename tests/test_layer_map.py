@@ -153,6 +153,11 @@ def test_saved_json_is_rechecked(tmp_path) -> None:
     bad = saved.model_copy(update={"pairs": [(0, 5), (1, 4)]}).to_json()
     with pytest.raises(GemstillError, match="backwards in teacher depth"):
         LayerMap.from_json(bad)
+    truncated = (tmp_path / "layer_map.json").read_text()[:20]
+    with pytest.raises(GemstillError, match=r"^run/layer_map.json: damaged layer map \(the file: Invalid JSON"):
+        LayerMap.from_json(truncated, source="run/layer_map.json")
+    with pytest.raises(GemstillError, match=r"damaged layer map \(strategy: Field required\); re-run the layer_map"):
+        LayerMap.from_json("{}")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import MACHINERY_PROFILE
 from gemstill.flows.distill import distill
 
 from gemstill.errors import GemstillError
@@ -21,15 +22,6 @@ stages:
   double: {task: "pipeline_stages:double", needs: [source]}
   total: {task: "pipeline_stages:total", needs: [double]}
 """
-PROFILE = """
-name: machinery
-pipeline: {pipeline}
-store: {store}
-teacher:
-  scratch:
-    architecture: {{num_layers: 2, embed_dim: 32, hidden_dim: 64, num_heads: 2, num_kv_heads: 1, head_dim: 16,
-                   sliding_window: 8}}
-"""
 
 
 @pytest.fixture
@@ -38,7 +30,9 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMSTILL_TEST_LOG", str(tmp_path / "ran.log"))
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     (tmp_path / "pipe.yaml").write_text(CHAIN)
-    (tmp_path / "profile.yaml").write_text(PROFILE.format(pipeline=tmp_path / "pipe.yaml", store=tmp_path / "store"))
+    (tmp_path / "profile.yaml").write_text(
+        MACHINERY_PROFILE.format(pipeline=tmp_path / "pipe.yaml", store=tmp_path / "store")
+    )
     return tmp_path
 
 
@@ -191,3 +185,182 @@ def test_shipped_profiles_validate_with_memory_estimates():
     with pytest.raises(GemstillError, match="needs a TPU but this machine runs JAX on cpu"):
         run_stage(plan, "prepare_data")
     assert os.fspath(plan.pipeline_path).endswith("pipelines/distill.yaml")
+
+
+def _cli(*args: str, cwd: Path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "gemstill", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_errors_are_one_plain_line(tmp_path):
+    """Messages print as written (no markup: brackets survive, `[/` cannot crash the printer), a malformed --set
+    value is named, and a stage failing on bad input under `gemstill run` shows no traceback on the terminal."""
+    repo = Path(__file__).resolve().parents[1]
+    unknown = _cli("status", "tiny", "--store", str(tmp_path), "--set", "a[/b=1", cwd=repo)
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().splitlines()[-1].endswith("unknown key 'a[/b'; remove it or fix its spelling")
+    malformed = _cli("status", "tiny", "--store", str(tmp_path), "--set", "training.steps=[1", cwd=repo)
+    assert malformed.returncode == 1 and "Traceback" not in malformed.stderr
+    assert "error: override 'training.steps': '[1' is not a YAML value" in malformed.stderr
+    missing = tmp_path / "missing.jsonl"
+    stage = _cli(
+        "run", "tiny", "--store", str(tmp_path / "store"), "--set", "data.source=files",
+        "--set", f"data.files={{paths: ['{missing}']}}", cwd=repo,
+    )  # fmt: skip
+    assert stage.returncode == 1
+    assert "Traceback" not in stage.stderr, stage.stderr[-2000:]
+    last = stage.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(missing) in last, last
+
+
+def test_profiles_are_found_in_the_environment_the_working_directory_then_the_package(tmp_path, monkeypatch):
+    from gemstill.pipeline.profile import resolve_profile_path
+    from gemstill.shipped import resolve_problem_file
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert resolve_profile_path("tiny").read_bytes() == (repo / "profiles" / "tiny.yaml").read_bytes()
+    assert resolve_problem_file("problems/game24.jsonl").read_bytes() == (repo / "problems/game24.jsonl").read_bytes()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tiny.yaml").write_text("name: mine\n")
+    assert resolve_profile_path("tiny") == tmp_path / "profiles" / "tiny.yaml"  # the project's own comes first
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "tiny.yaml").write_text("name: ours\n")
+    monkeypatch.setenv("GEMSTILL_PROFILES", str(ours))
+    assert resolve_profile_path("tiny") == ours / "tiny.yaml"
+    with pytest.raises(GemstillError, match=r"no profile 'nope': nope.yaml is in none of .*GEMSTILL_PROFILES"):
+        resolve_profile_path("nope")
+
+
+def test_a_non_editable_install_runs_from_another_directory(tmp_path):
+    """`pip install .` (a wheel, not editable) carries the profiles, pipelines and problem files: from a directory
+    with none of them, a profile plans (the 270M one resolves its shipped problem file) and a stage runs."""
+    import site
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(repo), "-w", str(tmp_path)], check=True)
+    (wheel,) = tmp_path.glob("gemstill-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    target = subprocess.run(
+        [python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    # the test environment's dependencies, but not its editable gemstill (a .pth inside a path entry never runs)
+    (Path(target) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([*pip, "install", "--no-deps", "--target", target, str(wheel)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def gemstill(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [python, "-m", "gemstill", *args], cwd=elsewhere, capture_output=True, text=True, timeout=300
+        )
+
+    where = subprocess.run(
+        [python, "-c", "import gemstill; print(gemstill.__file__)"], cwd=elsewhere, capture_output=True, text=True
+    )
+    assert where.stdout.startswith(target), where.stdout + where.stderr
+    status = gemstill("status", "gemma3-270m", "--store", str(elsewhere / "store"), "--json")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["pipeline"] == "distill"
+    run = gemstill("run", "tiny", "--only", "prepare_data", "--store", str(elsewhere / "store"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list((elsewhere / "store" / "prepare_data").glob("*/manifest.json"))
+
+
+def test_a_task_refuses_a_key_that_changed_since_the_flow_planned_it(workspace, monkeypatch):
+    """The flow plans once; each task re-plans on its worker. If the two keys differ (code, profile, data or
+    teacher changed mid-run, or differ on that worker), the task fails at once with one line, not retried."""
+    import dataclasses
+
+    import gemstill.flows.distill as flow_module
+
+    real = flow_module.make_plan
+
+    def drifted(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        stage = dataclasses.replace(plan.stages["double"], key="0123456789abcdef")
+        return dataclasses.replace(plan, stages={**plan.stages, "double": stage})
+
+    monkeypatch.setattr(flow_module, "make_plan", drifted)
+    with pytest.raises(GemstillError, match=r"stage double: its key here is .* but the flow planned 0123456789abcdef"):
+        distill(profile=str(workspace / "profile.yaml"))
+    assert ran(workspace) == ["source"]
+
+
+DIAMOND = """
+name: diamond
+stages:
+  source: {task: "pipeline_stages:source", reads: [data.seed]}
+  left: {task: "pipeline_stages:halting", needs: [source]}
+  right: {task: "pipeline_stages:halting", needs: [source]}
+"""
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.split("-")[0]: run for run in runs}
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, monkeypatch, concurrent):
+    """Every stage is a task run tagged with its stage, waiting on the stages it needs (the UI's edges);
+    independent ones overlap when hardware.concurrent_stages allows; a second run shows them all Cached."""
+    monkeypatch.setenv("GEMSTILL_TEST_SLEEP", "2")
+    (workspace / "pipe.yaml").write_text(DIAMOND)
+    profile = str(workspace / "profile.yaml")
+    overrides = {"hardware.concurrent_stages": concurrent}
+    state = distill(profile=profile, overrides=overrides, return_state=True)
+    plan = make_plan(profile, overrides=overrides)
+    spans = {
+        name: (m["started_at"], m["finished_at"])
+        for name in ("left", "right")
+        if (m := plan.store.manifest(name, plan.stages[name].key))
+    }
+    overlap = min(spans["left"][1], spans["right"][1]) - max(spans["left"][0], spans["right"][0])
+    assert (overlap > 1.0) if concurrent == 2 else (overlap < 0), spans
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert sorted(runs) == ["stage:left", "stage:right", "stage:source"]
+    assert "stage:left" in runs["stage:left"].tags and "task:pipeline_stages:halting" in runs["stage:left"].tags
+    source_id = runs["stage:source"].id
+    for name in ("stage:left", "stage:right"):
+        assert [i.id for i in runs[name].task_inputs["wait_for"]] == [source_id]
+    again = distill(profile=profile, overrides=overrides, return_state=True)
+    assert {name: run.state.name for name, run in _task_runs(again.state_details.flow_run_id).items()} == {
+        "stage:left": "Cached",
+        "stage:right": "Cached",
+        "stage:source": "Cached",
+    }
+
+
+def test_after_a_failure_a_rerun_runs_only_the_failed_stage(workspace, monkeypatch):
+    """A stage fails halfway: its sibling still commits and what needs it never starts; run again (a flow-run
+    retry does the same) and only the failed stage and its downstream run, every other is a Cached task run."""
+    (workspace / "pipe.yaml").write_text(DIAMOND + '  last: {task: "pipeline_stages:after_left", needs: [left]}\n')
+    profile = str(workspace / "profile.yaml")
+    monkeypatch.setenv("GEMSTILL_TEST_FAIL", "left")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        distill(profile=profile)
+    assert sorted(ran(workspace)) == ["left", "right", "source"]
+    monkeypatch.delenv("GEMSTILL_TEST_FAIL")
+    state = distill(profile=profile, return_state=True)
+    assert ran(workspace) == ["left", "last"]
+    states = {name: run.state.name for name, run in _task_runs(state.state_details.flow_run_id).items()}
+    assert states == {
+        "stage:left": "Completed",
+        "stage:last": "Completed",
+        "stage:right": "Cached",
+        "stage:source": "Cached",
+    }

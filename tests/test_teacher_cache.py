@@ -24,9 +24,11 @@ from conftest import TINY
 from flax import nnx
 
 from gemstill.data.format import read_split, write_split
+from gemstill.data.targets import prediction_mask
 from gemstill.errors import GemstillError
 from gemstill.loading import LoadedModel
 from gemstill.model import build_model
+from gemstill.teacher_cache.catalog import CATALOG
 from gemstill.teacher_cache.compute import (
     gumbel_noise,
     summarize,
@@ -38,7 +40,7 @@ from gemstill.teacher_cache.compute import (
 from gemstill.teacher_cache.config import TeacherCacheConfig
 from gemstill.teacher_cache.reader import TeacherCacheReader
 from gemstill.teacher_cache.stats import cache_stats
-from gemstill.teacher_cache.writer import CATALOG, build_teacher_cache, prediction_mask
+from gemstill.teacher_cache.writer import build_teacher_cache
 from gemstill.tokenizer import Tokenizer
 
 TEACHER = TINY.replace(num_layers=2)  # two local layers: a real model, quick to compile

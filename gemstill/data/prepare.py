@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from gemstill.config import VOCAB_SIZE
 from gemstill.data.config import DataConfig, TokenizerTrainingConfig
-from gemstill.data.format import write_split
+from gemstill.data.format import SPLITS, write_split
 from gemstill.data.generated import Problem, generate, is_heldout, stable_unit
 from gemstill.data.python_docs import stdlib_documents
 from gemstill.data.sources import Example, load_file_examples
@@ -29,7 +29,7 @@ from gemstill.fingerprint import bytes_fingerprint
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 
-_MODEL_ROLES = ("model", "assistant")
+MODEL_ROLES = ("model", "assistant")  # chat roles whose turns are the targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def prepare_data(
             "fingerprint": bytes_fingerprint(tokenizer_path.read_bytes()),
         },
     }
-    for split in ("train", "validation"):
+    for split in SPLITS:
         wanted = split == "validation"
         chosen = [doc for doc, in_validation in zip(documents, is_validation, strict=True) if in_validation == wanted]
         stats[split] = write_packed_split(out_dir, split, chosen, config)
@@ -97,7 +97,7 @@ def tokenize_all(examples: Sequence[Example], tokenizer: Tokenizer, config: Data
 
 def write_packed_split(out_dir: Path, split: str, documents: Sequence[Document], config: DataConfig) -> dict[str, Any]:
     """Shuffle (seeded per split), pack and write one split; returns its statistics."""
-    split_index = ("train", "validation").index(split)
+    split_index = SPLITS.index(split)
     order = np.random.default_rng([config.seed, split_index]).permutation(len(documents))
     rows = pack([documents[i] for i in order], config.seq_len, split)
     cap = config.max_sequences if split == "train" and config.max_sequences is not None else len(rows)
@@ -106,31 +106,33 @@ def write_packed_split(out_dir: Path, split: str, documents: Sequence[Document],
     return split_stats(arrays, documents=len(documents), dropped=max(len(rows) - cap, 0))
 
 
-def training_examples(config: DataConfig, scratch_dir: Path) -> list[Example]:
-    """The examples prepare_data packs into the train split, in its order (validation ones left out)."""
-    examples, _ = collect_examples(config, scratch_dir)
+def training_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Example], list[Problem]]:
+    """The examples prepare_data packs into the train split, in its order (validation ones left out), and the
+    generated problems they came from (none for other sources)."""
+    examples, kept, _ = _collect(config, scratch_dir)
     is_validation = validation_mask(examples, config.validation_fraction)
-    return [example for example, in_validation in zip(examples, is_validation, strict=True) if not in_validation]
-
-
-def generated_problems(config: DataConfig) -> tuple[list[Problem], list[Problem]]:
-    """The generated problems trained on (collect_examples makes them examples) and those held out."""
-    if config.source != "generated":
-        return [], []
-    problems = generate(config.generated)
-    fraction = config.generated.heldout_fraction
-    return [p for p in problems if not is_heldout(p, fraction)], [p for p in problems if is_heldout(p, fraction)]
+    trained = [example for example, in_validation in zip(examples, is_validation, strict=True) if not in_validation]
+    return trained, kept
 
 
 def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Example], list[Problem]]:
     """The training examples and, for generated data, the held-out problems (never among the examples)."""
+    examples, _, heldout = _collect(config, scratch_dir)
+    return examples, heldout
+
+
+def _collect(config: DataConfig, scratch_dir: Path) -> tuple[list[Example], list[Problem], list[Problem]]:
+    """(examples, the generated problems they hold, the held-out problems); problems only for generated data."""
     if config.source == "files":
         assert config.files is not None  # the config's validator guarantees it
-        return load_file_examples(config.files, scratch_dir), []
+        return load_file_examples(config.files, scratch_dir), [], []
     if config.source == "python-docs":
         docs = config.python_docs
-        return list(stdlib_documents(docs.min_chars, docs.max_documents)), []
-    kept, heldout = generated_problems(config)
+        return list(stdlib_documents(docs.min_chars, docs.max_documents)), [], []
+    problems = generate(config.generated)
+    fraction = config.generated.heldout_fraction
+    kept = [p for p in problems if not is_heldout(p, fraction)]
+    heldout = [p for p in problems if is_heldout(p, fraction)]
     examples: list[Example] = [problem_messages(p) for p in kept]
     if config.generated.tot_exercises:
         from gemstill.data.game24_tot import exercises
@@ -138,7 +140,7 @@ def collect_examples(config: DataConfig, scratch_dir: Path) -> tuple[list[Exampl
         for problem in kept:
             if problem["kind"] == "game24":
                 examples += exercises(problem, random.Random(f"exercises:{problem['id']}"))
-    return examples, heldout
+    return examples, kept, heldout
 
 
 def problem_messages(problem: Problem) -> list[dict[str, str]]:
@@ -154,7 +156,7 @@ def corpus_lines(examples: Sequence[Example]) -> Iterator[str]:
             continue
         for message in example:
             if message["role"] != "system":  # a system text joins the first user turn
-                yield "model" if message["role"] in _MODEL_ROLES else "user"
+                yield "model" if message["role"] in MODEL_ROLES else "user"
             yield from (line for line in message["content"].splitlines() if line)
 
 
@@ -221,7 +223,7 @@ def tokenize(example: Example, tokenizer: Tokenizer, chat_template: bool, seq_le
     loss: list[int] = []
     rendered = ""
     for turn, message in enumerate(example):
-        if message["role"] not in _MODEL_ROLES:
+        if message["role"] not in MODEL_ROLES:
             continue
         prompt = tokenizer.apply_chat_template(example[:turn], add_generation_prompt=True)
         new = tokenizer.encode(prompt[len(rendered) :], add_bos=False)

@@ -193,6 +193,10 @@ class TrainCheckpointer:
             )
         return meta
 
+    def wait(self) -> None:
+        """Block until the last asynchronous write is complete on disk."""
+        self._manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for the last asynchronous write, then release the manager."""
         self._manager.wait_until_finished()

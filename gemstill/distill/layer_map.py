@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gemstill.distill.cka import DEFAULT_MAX_TOKENS, choose_layers, teacher_cka
 from gemstill.errors import GemstillError
@@ -168,9 +168,17 @@ class LayerMap(BaseModel):
         return json.dumps(self.model_dump(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> LayerMap:
+    def from_json(cls, text: str, source: str = "layer_map.json") -> LayerMap:
         """Parse and re-check a saved layer map: a hand-edited file gets the same checks as a config."""
-        result = cls.model_validate_json(text)
+        try:
+            result = cls.model_validate_json(text)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "the file"
+            raise GemstillError(
+                f"{source}: damaged layer map ({where}: {first['msg']}); re-run the layer_map stage "
+                "(gemstill run PROFILE --refresh layer_map) or fix the file"
+            ) from None
         check_pairs(result.pairs, result.student_layers, result.teacher_layers)
         return result
 

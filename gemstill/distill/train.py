@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gemstill.checkpoints.native import save_native
 from gemstill.config import Gemma3Config
 from gemstill.data.format import read_split
+from gemstill.data.targets import next_token_targets
 from gemstill.distill.checkpointing import TrainCheckpointer
 from gemstill.distill.config import DistillConfig, TrainingConfig, schedule_value
 from gemstill.distill.losses import TeacherTargets, attention_loss, hidden_loss, logit_loss
@@ -38,7 +39,6 @@ from gemstill.plots import save_loss_curve
 from gemstill.pretrain import batch_indices
 from gemstill.quant import fake_quant_params
 from gemstill.teacher_cache.reader import TeacherCacheReader
-from gemstill.teacher_cache.writer import next_token_targets
 
 _COLUMNS = ("tokens", "positions", "segment_ids", "loss_mask")
 _TERMS = ("loss", "distill", "cross_entropy", "hidden", "attention")
@@ -354,9 +354,13 @@ def train(
     tokenizer_model: bytes | None,
     log: Callable[[str], None] = print,
     mesh: Mesh | None = None,
+    persist: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from out_dir/checkpoints when a killed attempt left one), then write out_dir/model (native),
-    metrics.jsonl and loss_curve.png. With a mesh, parameters, optimizer state and batches are sharded on it."""
+    metrics.jsonl and loss_curve.png. With a mesh, parameters, optimizer state and batches are sharded on it.
+
+    persist: called with the checkpoint directory once each checkpoint is written, to mirror it to the store.
+    """
     training = run.training
     optimizer = make_optimizer(training.optimizer, training.steps, training.freeze)
     lr_at = learning_rate_schedule(training.optimizer, training.steps)
@@ -423,6 +427,9 @@ def train(
         if (step + 1) % training.checkpoint_every == 0 or done:
             metrics = {"val_loss": record["val_loss"]} if "val_loss" in record else None
             checkpointer.save(step + 1, {"params": params, "opt_state": opt_state, "history": history}, metrics)
+            if persist is not None:
+                checkpointer.wait()  # a checkpoint is mirrored only once it is whole
+                persist(out_dir / "checkpoints")
             _write_metrics(out_dir, history, run.title)
     checkpointer.close()
     seconds = time.perf_counter() - began

@@ -25,6 +25,9 @@ class StageContext:
     workdir: Path
     log: Callable[[str], None] = print
     input_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)  # upstream stage name -> its key
+    # mirror a finished piece of partial work (a file or directory under workdir) to the store now, so a run on
+    # another machine resumes from it; a no-op when the store is the local directory the stage works in
+    persist: Callable[[Path], None] = lambda path: None
 
     def training_data(self) -> Path:
         """The packed data a student trains on: the teacher's solutions where the pipeline has a

@@ -1,15 +1,14 @@
 """A pipeline resolved against a profile: every stage's settings, content key, inputs and state.
 
-A key hashes the stage name, its task, its resolved settings, the code version of what it runs and the keys
-of its inputs, never a run id, so keys are known before anything runs and equal wherever the same work is
-asked for.
+A key hashes the stage name, its task, its resolved settings, the code version of what it runs (its import
+closure and the numerics libraries) and the keys of its inputs, never a run id or a path, so keys are known
+before anything runs and equal wherever the same work is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import platform
 import socket
@@ -19,11 +18,15 @@ from typing import Any, Literal
 
 import gemstill
 from gemstill.errors import GemstillError
+from gemstill.pipeline.code_version import code_version
 from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.lease import acquire
 from gemstill.pipeline.profile import Profile, load_profile
 from gemstill.pipeline.spec import PipelineSpec, StageSpec, load_pipeline
-from gemstill.pipeline.stages import DERIVED, StageTask, resolve_task
+from gemstill.pipeline.stages import StageTask, hashed_profile, resolve_task
 from gemstill.pipeline.store import ArtifactStore
+from gemstill.pipeline.trust import check_configured_file
+from gemstill.shipped import resolve_yaml
 
 State = Literal["done", "stale", "missing"]
 
@@ -64,15 +67,6 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """sha256 of the source of the modules a stage runs, plus gemstill's version."""
-    digest = hashlib.sha256(gemstill.__version__.encode())
-    for name in modules:
-        module = importlib.import_module(name)
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def stage_key(name: str, task: str, settings: dict[str, Any], code: str, inputs: dict[str, str]) -> str:
     payload = {"stage": name, "task": task, "settings": settings, "code": code, "inputs": inputs}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -83,23 +77,27 @@ def make_plan(
     pipeline: str | None = None,
     store: str | None = None,
     overrides: dict[str, Any] | None = None,
+    restricted: bool = False,
 ) -> Plan:
+    """The plan of a profile's pipeline; `restricted` (a deployment run) limits it to the files and task modules
+    the machine is configured with (gemstill.pipeline.trust)."""
     profile, profile_path = load_profile(profile_name, overrides)
-    pipeline_path = Path(pipeline) if pipeline else profile.pipeline_path()
+    pipeline_path = resolve_yaml("pipelines", pipeline) if pipeline else profile.pipeline_path()
+    if restricted:
+        check_configured_file("profiles", profile_path)
+        check_configured_file("pipelines", pipeline_path)
     spec = load_pipeline(pipeline_path)
-    dumped = profile.model_dump(mode="json")
-    for name, derive in DERIVED.items():
-        dumped[name] = derive(profile)
+    dumped = hashed_profile(profile)
     planned: dict[str, PlannedStage] = {}
     validated: set[Any] = set()
     for name in spec.order():
         stage = spec.stages[name]
-        task = resolve_task(stage.task, stage.reads)
+        task = resolve_task(stage.task, stage.reads, restricted)
         if task.validate not in validated:
             validated.add(task.validate)
             task.validate(profile)
         settings = {path: _lookup(dumped, path) for path in task.reads}
-        code = code_version(task.code)
+        code = code_version((task.code_root,))
         inputs = {need: planned[need].key for need in stage.needs}
         key = stage_key(name, stage.task, settings, code, inputs)
         planned[name] = PlannedStage(name, stage, task, settings, code, inputs, key)
@@ -124,7 +122,11 @@ def check_hardware(profile: Profile) -> None:
 
 
 def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str, Any]:
-    """Run one stage whose inputs are done and commit its manifest; the caller decides whether it must run."""
+    """Run one stage whose inputs are done and commit its manifest; the caller decides whether it must run.
+
+    The run holds the key's lease throughout (a second run of the same key waits for it, then finds it done);
+    `fresh` (a refresh) recomputes beside the committed result and swaps on commit.
+    """
     check_hardware(plan.profile)
     stage = plan.stages[name]
     missing = [need for need in stage.spec.needs if plan.store.manifest(need, plan.stages[need].key) is None]
@@ -135,35 +137,40 @@ def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str
     inputs = {
         plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs
     }
-    workdir = plan.store.prepare(name, stage.key, fresh=fresh)
-    context = StageContext(
-        stage=name,
-        profile=plan.profile,
-        settings=stage.settings,
-        inputs=inputs,
-        workdir=workdir,
-        log=log,
-        input_keys=dict(stage.inputs),
-    )
-    started = time.time()
-    metrics = stage.task.fn(context)
-    finished = time.time()
-    record = {
-        "stage": name,
-        "task": stage.spec.task,
-        "key": stage.key,
-        "settings": stage.settings,
-        "code_version": stage.code_version,
-        "inputs": stage.inputs,
-        "metrics": metrics,
-        "started_at": started,
-        "finished_at": finished,
-        "seconds": round(finished - started, 3),
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "gemstill_version": gemstill.__version__,
-    }
-    return plan.store.commit(name, stage.key, record)
+    with acquire(plan.store.fs, plan.store.lease_path(name, stage.key), f"stage {name} ({stage.key})", log=log):
+        if not fresh and (done := plan.store.manifest(name, stage.key)) is not None:
+            log(f"stage {name}: already committed ({stage.key}), by another run or an earlier attempt; using it")
+            return done
+        workdir = plan.store.prepare(name, stage.key, refresh=fresh)
+        context = StageContext(
+            stage=name,
+            profile=plan.profile,
+            settings=stage.settings,
+            inputs=inputs,
+            workdir=workdir,
+            log=log,
+            input_keys=dict(stage.inputs),
+            persist=lambda path: plan.store.persist(name, stage.key, fresh, path),
+        )
+        started = time.time()
+        metrics = stage.task.fn(context)
+        finished = time.time()
+        record = {
+            "stage": name,
+            "task": stage.spec.task,
+            "key": stage.key,
+            "settings": stage.settings,
+            "code_version": stage.code_version,
+            "inputs": stage.inputs,
+            "metrics": metrics,
+            "started_at": started,
+            "finished_at": finished,
+            "seconds": round(finished - started, 3),
+            "host": socket.gethostname(),
+            "python": platform.python_version(),
+            "gemstill_version": gemstill.__version__,
+        }
+        return plan.store.commit(name, stage.key, record, refresh=fresh)
 
 
 def select_stages(plan: Plan, refresh: list[str], only: str | None) -> tuple[list[str], set[str]]:

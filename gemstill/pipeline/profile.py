@@ -18,9 +18,8 @@ from gemstill.export import ExportTarget, default_exports
 from gemstill.pipeline.yamlio import read_yaml, validate
 from gemstill.pretrain import PretrainConfig
 from gemstill.reasoning.config import ReasoningConfig, TeacherGenerateConfig
+from gemstill.shipped import resolve_yaml
 from gemstill.teacher_cache.config import TeacherCacheConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ScratchTeacher(BaseModel):
@@ -89,6 +88,8 @@ class Hardware(BaseModel):
     platform: Literal["cpu", "gpu", "tpu"] = "cpu"
     mesh: Mesh = Mesh()
     memory_per_device_gib: float | None = Field(None, gt=0)  # checked against the per-stage estimates
+    # stages whose inputs are done run side by side, up to this many at once (each holds its own model in memory)
+    concurrent_stages: int = Field(1, ge=1, le=16)
 
 
 class Precision(BaseModel):
@@ -141,18 +142,12 @@ class Profile(BaseModel):
     precision: Precision = Precision()
 
     def pipeline_path(self) -> Path:
-        candidate = Path(self.pipeline)
-        if candidate.suffix in (".yaml", ".yml"):
-            return candidate
-        return PROJECT_ROOT / "pipelines" / f"{self.pipeline}.yaml"
+        return resolve_yaml("pipelines", self.pipeline)
 
 
 def resolve_profile_path(name_or_path: str) -> Path:
-    """A shipped profile by name (profiles/NAME.yaml) or a path to a YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml"):
-        return candidate
-    return PROJECT_ROOT / "profiles" / f"{name_or_path}.yaml"
+    """A profile by name (see gemstill.shipped for where it is looked up) or a path to a YAML file."""
+    return resolve_yaml("profiles", name_or_path)
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], path: Path | str) -> dict[str, Any]:
@@ -166,7 +161,13 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], path: Path 
             if not isinstance(child, dict):
                 raise GemstillError(f"{path}: override '{dotted}': '{part}' is not a section")
             node = child
-        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+        try:
+            node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError as err:
+            reason = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise GemstillError(
+                f"override '{dotted}': {value!r} is not a YAML value ({reason}); quote it or fix its brackets"
+            ) from None
     return data
 
 

@@ -66,8 +66,8 @@ def _tokenizer(ctx: StageContext):
 
 def validate_quantization(profile: Profile) -> None:
     """Refuse, when the plan is made, a student whose weights do not split into the formats' 32-value blocks."""
-    from gemstill.pipeline.stages import teacher_config
     from gemstill.pipeline.student_stages import student_config
+    from gemstill.pipeline.teacher import teacher_config
     from gemstill.quant import check_params
 
     student = student_config(profile, teacher_config(profile))
@@ -96,7 +96,7 @@ def qat_run(profile: Profile, config: Gemma3Config, params: dict[str, Any], cach
     the qat section's steps and learning rate; fmt None is the same run without the quantizer (a control)."""
     from gemstill.distill.config import AttentionLossConfig, HiddenLossConfig
     from gemstill.distill.train import FakeQuant, Run, Teacher
-    from gemstill.pipeline.stages import teacher_config
+    from gemstill.pipeline.teacher import teacher_config
 
     objective = profile.distill.model_copy(
         update={"hidden": HiddenLossConfig(), "attention": AttentionLossConfig(), "online_teacher": False}
@@ -133,7 +133,9 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     for fmt in profile.qat.formats:
         out = ctx.workdir / fmt
         run = qat_run(profile, config, params, ctx.input("teacher_cache"), fmt)
-        result = train(run, ctx.training_data(), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile))
+        result = train(
+            run, ctx.training_data(), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile), persist=ctx.persist
+        )
         _, master = load_native(out / "model")
         save_variant(out, config, master, fmt, tokenizer, profile.quantize.embedding)
         metrics.update({f"{fmt}_{k}": v for k, v in result.items() if k in ("validation_loss", "final_train_loss")})

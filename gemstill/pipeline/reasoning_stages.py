@@ -9,11 +9,7 @@ from typing import Any
 
 from gemstill.errors import GemstillError
 from gemstill.pipeline.context import StageContext
-
-
-def teacher_spec(ctx: StageContext) -> str:
-    """The teacher's checkpoint spec: the profile's model, or the one pretrain_teacher trained."""
-    return ctx.profile.teacher.model or f"orbax:{ctx.input('pretrain_teacher') / 'model'}"
+from gemstill.pipeline.teacher import teacher_spec
 
 
 def reasoning_models(ctx: StageContext) -> list[tuple[str, str]]:
@@ -40,12 +36,13 @@ def reasoning_models(ctx: StageContext) -> list[tuple[str, str]]:
 def stage_problems(ctx: StageContext):
     """The prepared held-out problems (generated data) and the profile's problem files, each kind limited."""
     from gemstill.reasoning.problems import load_problems
+    from gemstill.shipped import resolve_problem_file
 
     settings = ctx.profile.reasoning
     heldout = ctx.input("prepare_data") / "heldout.jsonl"
     problems = load_problems(heldout, settings.limit) if heldout.is_file() and heldout.read_text().strip() else []
     for path in settings.problems:
-        problems += load_problems(path, settings.limit)
+        problems += load_problems(resolve_problem_file(path), settings.limit)
     if not problems:
         raise GemstillError(
             "stage evaluate_reasoning has no problems: the data source holds none out; list jsonl files in "
@@ -116,7 +113,7 @@ def teacher_generate_stage(ctx: StageContext) -> dict[str, Any]:
     every later score stays comparable with a run on the reference data."""
     import shutil
 
-    from gemstill.data.prepare import generated_problems, tokenize_all, training_examples, write_packed_split
+    from gemstill.data.prepare import tokenize_all, training_examples, write_packed_split
     from gemstill.fsutil import atomic_write_bytes
     from gemstill.reasoning.suite import load_text_model
     from gemstill.reasoning.teacher_solutions import teacher_split
@@ -131,8 +128,7 @@ def teacher_generate_stage(ctx: StageContext) -> dict[str, Any]:
         )
     tokenizer = Tokenizer.from_file(source / "tokenizer.model")
     teacher = load_text_model("teacher", teacher_spec(ctx), tokenizer, settings.batch_size)
-    examples = training_examples(data, ctx.workdir)
-    trained, _ = generated_problems(data)
+    examples, trained = training_examples(data, ctx.workdir)
     split = teacher_split(teacher, examples, {p["question"]: p for p in trained}, settings, log=ctx.log)
     if not split.stats["teacher_examples"]:
         raise GemstillError(

@@ -1,14 +1,23 @@
 """The artifact store: `<root>/<stage>/<key>/` per stage run, with a manifest written last meaning "done".
 
 The root is a local directory or any fsspec URL. Stages always work in a local directory: the store's own
-directory when it is local, otherwise a local staging copy that is uploaded (files first, manifest last) on
-commit. A committed manifest is visible to every process and machine that sees the store.
+directory when it is local, otherwise a local staging copy. With a remote store, partial work reaches the store
+as it is made (a stage persists each teacher-cache shard and each checkpoint as it completes), a run that finds
+partial work of a killed attempt in the store downloads it before it starts (so it resumes on any machine),
+and commit uploads the rest, files first and the manifest last. A committed manifest is visible to every
+process and machine that sees the store.
+
+A refresh recomputes beside the committed result, in `<key>.refresh/`, and swaps on commit: until the new
+result is complete the old one stays done, and a refresh that fails leaves it untouched. A swap cut short
+(the process killed between the two steps) is finished by the next reader. `<key>.lease` holds the lease of
+the run computing the key (gemstill.pipeline.lease).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +29,9 @@ from gemstill.fingerprint import file_sha256
 from gemstill.fsutil import atomic_write_bytes
 
 MANIFEST = "manifest.json"
+REFRESH = ".refresh"  # suffix of the directory a refresh works in
+OLD = ".old"  # suffix of the result a local swap is replacing
+LEASE = ".lease"
 
 
 class ArtifactStore:
@@ -40,20 +52,33 @@ class ArtifactStore:
         return "/".join(p for p in (self.base.rstrip("/"), stage, key, name) if p)
 
     def local_dir(self, stage: str, key: str) -> Path:
-        """Where the stage works (and where its committed files can be read locally)."""
-        if self.is_local:
-            return Path(self._remote(stage, key))
-        return self.staging / stage / key
+        """Where a committed stage's files can be read locally (for a remote store, once fetched)."""
+        return self.work_dir(stage, key, refresh=False)
 
-    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
-        path = self._remote(stage, key, MANIFEST)
+    def work_dir(self, stage: str, key: str, refresh: bool) -> Path:
+        """Where a run of the stage works: the key's own directory, or beside it for a refresh."""
+        name = key + (REFRESH if refresh else "")
+        if self.is_local:
+            return Path(self._remote(stage, name))
+        return self.staging / stage / name
+
+    def lease_path(self, stage: str, key: str) -> str:
+        self.fs.makedirs(self._remote(stage, ""), exist_ok=True)
+        return self._remote(stage, key + LEASE)
+
+    def _read_manifest(self, stage: str, name: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(path, "rb") as handle:
+            with self.fs.open(self._remote(stage, name, MANIFEST), "rb") as handle:
                 return json.loads(handle.read())
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
             return None  # a torn manifest cannot exist (atomic writes), but never trust one
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        if self._read_manifest(stage, key + REFRESH) is not None:
+            self._finish_swap(stage, key)  # a refresh committed and its swap was cut short: the new result wins
+        return self._read_manifest(stage, key)
 
     def keys(self, stage: str) -> list[str]:
         """Keys of every committed run of a stage (any config, any code version)."""
@@ -62,26 +87,69 @@ class ArtifactStore:
         except FileNotFoundError:
             return []
         keys = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
-        return [k for k in keys if self.fs.exists(self._remote(stage, k, MANIFEST))]
+        return [k for k in keys if "." not in k and self.fs.exists(self._remote(stage, k, MANIFEST))]
 
-    def prepare(self, stage: str, key: str, fresh: bool) -> Path:
-        """The local work directory; `fresh` clears partial work (a refresh), otherwise it is kept for resuming."""
-        self.invalidate(stage, key)
-        workdir = self.local_dir(stage, key)
-        if fresh and workdir.exists():
-            shutil.rmtree(workdir)
+    def prepare(self, stage: str, key: str, refresh: bool) -> Path:
+        """The local work directory: partial work of an earlier attempt is kept for resuming, except that a
+        refresh starts from nothing (beside the committed result, which stays done until the swap)."""
+        workdir = self.work_dir(stage, key, refresh)
+        if refresh:
+            if workdir.exists():
+                shutil.rmtree(workdir)
+            if not self.is_local and self.fs.exists(self._remote(stage, key + REFRESH)):
+                self.fs.rm(self._remote(stage, key + REFRESH), recursive=True)
         workdir.mkdir(parents=True, exist_ok=True)
+        if not refresh and not self.is_local:
+            self._download_partial(stage, key, workdir)
         return workdir
 
-    def invalidate(self, stage: str, key: str) -> None:
-        """Remove the manifest, so a half-refreshed directory never reads as done."""
-        path = self._remote(stage, key, MANIFEST)
-        if self.fs.exists(path):
-            self.fs.rm(path)
+    def persist(self, stage: str, key: str, refresh: bool, path: Path) -> None:
+        """Mirror a file or directory of the work directory to the store now (a no-op for a local store, where the
+        work directory is the store). A directory is synced: files gone locally (pruned checkpoints) go remotely,
+        and Orbax's unfinished `*tmp*` directories are left out."""
+        if self.is_local:
+            return
+        name = key + (REFRESH if refresh else "")
+        workdir = self.work_dir(stage, key, refresh)
+        path = Path(path)
+        local = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        local = [p for p in local if not any("tmp" in part for part in p.relative_to(workdir).parts)]
+        wanted = {str(p.relative_to(workdir)): p for p in local}
+        prefix = self._remote(stage, name, str(path.relative_to(workdir)))
+        for relative, file in wanted.items():
+            target = self._remote(stage, name, relative)
+            unchanged = self.fs.exists(target) and self.fs.size(target) == file.stat().st_size
+            if path.is_file() or not unchanged:  # a named file may change in place; a checkpoint never does
+                self.fs.put_file(str(file), target)
+        if path.is_dir() and self.fs.exists(prefix):
+            base = self._remote(stage, name, "")
+            for remote in self.fs.find(prefix):
+                if remote.removeprefix(base).lstrip("/") not in wanted:
+                    self.fs.rm(remote)
 
-    def commit(self, stage: str, key: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Checksum the work directory's files, upload them if remote, then write the manifest last."""
-        workdir = self.local_dir(stage, key)
+    def _download_partial(self, stage: str, name: str, workdir: Path) -> int:
+        """Fetch the partial work a killed attempt left in the store into `workdir`; the number of files."""
+        base = self._remote(stage, name, "")
+        if not self.fs.exists(base):
+            return 0
+        fetched = 0
+        for remote in self.fs.find(base):
+            relative = remote.removeprefix(base).lstrip("/")
+            if relative == MANIFEST or relative.startswith("."):
+                continue
+            target = workdir / relative
+            if target.is_file() and target.stat().st_size == self.fs.size(remote):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(target))
+            fetched += 1
+        return fetched
+
+    def commit(self, stage: str, key: str, record: dict[str, Any], refresh: bool = False) -> dict[str, Any]:
+        """Checksum the work directory's files, upload them if remote, then write the manifest last; a refresh
+        then swaps its result in place of the old one."""
+        name = key + (REFRESH if refresh else "")
+        workdir = self.work_dir(stage, key, refresh)
         files = []
         for path in sorted(p for p in workdir.rglob("*") if p.is_file() and p.name != MANIFEST):
             files.append(
@@ -93,11 +161,51 @@ class ArtifactStore:
             atomic_write_bytes(workdir / MANIFEST, payload)
         else:
             for entry in files:
-                self.fs.put_file(str(workdir / entry["path"]), self._remote(stage, key, entry["path"]))
-            partial = self._remote(stage, key, f".{MANIFEST}.partial")
-            self.fs.pipe_file(partial, payload)
-            self.fs.mv(partial, self._remote(stage, key, MANIFEST))
+                self.fs.put_file(str(workdir / entry["path"]), self._remote(stage, name, entry["path"]))
+            base, kept = self._remote(stage, name, ""), {entry["path"] for entry in files}
+            for remote in self.fs.find(base):  # partial work the result no longer holds (pruned checkpoints)
+                if remote.removeprefix(base).lstrip("/") not in kept:
+                    self.fs.rm(remote)
+            self._write_remote_manifest(stage, name, payload)
+        if refresh:
+            self._finish_swap(stage, key)
         return manifest
+
+    def _write_remote_manifest(self, stage: str, name: str, payload: bytes) -> None:
+        partial = self._remote(stage, name, f".{MANIFEST}.partial")
+        self.fs.pipe_file(partial, payload)
+        self.fs.mv(partial, self._remote(stage, name, MANIFEST))
+
+    def _finish_swap(self, stage: str, key: str) -> None:
+        """Put a committed refresh in place of the key's old result (idempotent: a cut-short swap is redone)."""
+        fresh, target = self._remote(stage, key + REFRESH), self._remote(stage, key)
+        if self.is_local:
+            old = Path(self._remote(stage, key + OLD))
+            shutil.rmtree(old, ignore_errors=True)
+            try:
+                if Path(target).exists():
+                    os.replace(target, old)
+                os.replace(fresh, target)
+            except FileNotFoundError:
+                if self._read_manifest(stage, key) is None:
+                    raise  # not a concurrent reader finishing the same swap first
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        manifest = self._read_manifest(stage, key + REFRESH)
+        if manifest is None:
+            return  # another process finished this swap
+        if self.fs.exists(self._remote(stage, key, MANIFEST)):
+            self.fs.rm(self._remote(stage, key, MANIFEST))  # first: the key reads missing, never half-swapped
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        for entry in manifest["files"]:
+            self.fs.copy(f"{fresh}/{entry['path']}", f"{target}/{entry['path']}")
+        self._write_remote_manifest(stage, key, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self.fs.rm(fresh, recursive=True)
+        staged = self.work_dir(stage, key, refresh=True)
+        if staged.exists():
+            shutil.rmtree(self.local_dir(stage, key), ignore_errors=True)
+            os.replace(staged, self.local_dir(stage, key))
 
     def fetch(self, stage: str, key: str) -> Path:
         """A local directory holding a committed stage's files (downloaded and verified if the store is remote)."""

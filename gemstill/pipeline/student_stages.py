@@ -10,15 +10,7 @@ from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.profile import Profile
-
-
-def load_teacher(ctx: StageContext):
-    """The teacher model: the profile's checkpoint spec, or the pretrain_teacher stage's output."""
-    from gemstill.loading import load_model
-
-    precision = ctx.profile.precision
-    spec = ctx.profile.teacher.model or f"orbax:{ctx.input('pretrain_teacher') / 'model'}"
-    return load_model(spec, param_dtype=precision.params, dtype=precision.compute)
+from gemstill.pipeline.teacher import load_teacher, teacher_config
 
 
 def student_config(profile: Profile, teacher: Gemma3Config) -> Gemma3Config:
@@ -30,7 +22,6 @@ def validate_student(profile: Profile) -> None:
     """Checks that need the teacher's size, run when a plan is made (before any compute)."""
     from gemstill.distill.layer_map import validate_mapping
     from gemstill.distill.student_init import check_widths
-    from gemstill.pipeline.stages import teacher_config
 
     teacher = teacher_config(profile)
     student = student_config(profile, teacher)
@@ -42,7 +33,6 @@ def validate_student(profile: Profile) -> None:
 def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
     from gemstill.distill.layer_map import make_layer_map
-    from gemstill.pipeline.stages import teacher_config
 
     settings = ctx.profile.layer_map
     if settings.strategy == "adaptive":
@@ -71,7 +61,8 @@ def _student_run(ctx: StageContext, baseline: bool):
     teacher = load_teacher(ctx)
     teacher_flat = to_flat(teacher.model)
     student = student_config(profile, teacher.config)
-    layer_map = LayerMap.from_json((ctx.input("layer_map") / "layer_map.json").read_text())
+    path = ctx.input("layer_map") / "layer_map.json"
+    layer_map = LayerMap.from_json(path.read_text(), source=str(path))
     pairs = tuple((int(s), int(t)) for s, t in layer_map.pairs)
     if profile.student.init == "teacher":
         init = init_student_from_teacher(
@@ -106,7 +97,8 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
     run = _student_run(ctx, baseline)
     data_dir = ctx.training_data()
     mesh = _mesh(ctx.profile)
-    return train(run, data_dir, ctx.workdir, (data_dir / "tokenizer.model").read_bytes(), log=ctx.log, mesh=mesh)
+    tokenizer_model = (data_dir / "tokenizer.model").read_bytes()
+    return train(run, data_dir, ctx.workdir, tokenizer_model, log=ctx.log, mesh=mesh, persist=ctx.persist)
 
 
 def _mesh(profile: Profile):
@@ -228,7 +220,6 @@ def _train_memory(profile: Profile, online_teacher: bool) -> dict[str, int]:
     import numpy as np
 
     from gemstill.memory import estimate
-    from gemstill.pipeline.stages import teacher_config
 
     teacher = teacher_config(profile)
     student = student_config(profile, teacher)

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gemstill.data.generated import Problem, verify
+from gemstill.data.prepare import MODEL_ROLES
 from gemstill.data.sources import Example
 from gemstill.reasoning.config import TeacherGenerateConfig
 from gemstill.reasoning.models import TextModel
@@ -49,7 +50,7 @@ def prompt_of(example: Example) -> str | None:
     if isinstance(example, str) or len(example) != 2:
         return None
     user, model = example
-    return user["content"] if user["role"] == "user" and model["role"] in ("model", "assistant") else None
+    return user["content"] if user["role"] == "user" and model["role"] in MODEL_ROLES else None
 
 
 def teacher_split(
@@ -102,6 +103,7 @@ def teacher_split(
         user = example[0]
         out += [[user, {"role": "model", "content": text}] for text in replaced[i]]
     checked = [g for g in generations if g.verified is not None]
+    teacher_examples = sum(len(texts) for texts in replaced.values())
     stats = {
         "prompts": len(prompts),
         "verified_prompts": sum(verifiers.get(q) is not None for _, q in prompts),
@@ -111,8 +113,8 @@ def teacher_split(
         "cut_samples": sum(not g.finished for g in generations),
         "prompts_solved": sum(bool(replaced.get(i)) for i, _ in prompts),
         "prompts_dropped": sum(i in replaced and not replaced[i] for i, _ in prompts),
-        "teacher_examples": sum(len(texts) for texts in replaced.values()),
-        "reference_examples": len(out) - sum(len(texts) for texts in replaced.values()),
+        "teacher_examples": teacher_examples,
+        "reference_examples": len(out) - teacher_examples,
         "generated_tokens": sum(g.tokens for g in generations),
     }
     log(

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from gemstill.data.format import read_split
 from gemstill.errors import GemstillError
 from gemstill.fingerprint import file_sha256
-from gemstill.teacher_cache.writer import CATALOG, IDENTITY, VALUE_DTYPES, catalog_rows
+from gemstill.teacher_cache.catalog import CATALOG, IDENTITY, VALUE_DTYPES, catalog_rows
 
 _REBUILD = "re-run the teacher_cache stage (it rewrites bad shards)"
 _DONE = object()

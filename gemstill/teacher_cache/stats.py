@@ -8,7 +8,7 @@ from typing import Any
 import duckdb
 
 from gemstill.errors import GemstillError
-from gemstill.teacher_cache.writer import CATALOG, SHARDS, connect_catalog
+from gemstill.teacher_cache.catalog import CATALOG, SHARDS, connect_catalog
 
 # Only catalogued (committed) shard files count: a glob alone would also see a file whose write was interrupted.
 _QUERY = """

@@ -18,10 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,76 +27,26 @@ from flax import nnx
 from tqdm import tqdm
 
 from gemstill.data.format import read_split
+from gemstill.data.targets import prediction_mask
 from gemstill.errors import GemstillError
 from gemstill.fingerprint import bytes_fingerprint, file_sha256, model_fingerprint
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.loading import LoadedModel
 from gemstill.params import to_flat
+from gemstill.teacher_cache.catalog import (
+    CATALOG,
+    CATALOG_DDL,
+    ENCODING,
+    IDENTITY,
+    SHARD_SCHEMA,
+    SHARDS,
+    VALUE_DTYPES,
+    catalog_rows,
+    connect_catalog,
+    shard_path,
+)
 from gemstill.teacher_cache.compute import Summary, teacher_summary
 from gemstill.teacher_cache.config import TeacherCacheConfig
-
-CATALOG = "catalog.duckdb"
-SHARDS = "shards"
-VALUE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-SHARD_SCHEMA = pa.schema(
-    [
-        ("seq_index", pa.int64()),
-        ("seq_id", pa.string()),
-        ("mask", pa.list_(pa.bool_())),  # [L]: position i holds the distribution of token i+1 (a loss target)
-        ("ids", pa.list_(pa.int32())),  # [n * k]: per kept position, k ascending ids stored as deltas
-        ("logprobs", pa.list_(pa.uint16())),  # [n * k]: raw float16 / bfloat16 bits, in id order
-        ("lse", pa.list_(pa.float32())),  # [n] per kept position
-        ("entropy", pa.list_(pa.float32())),
-        ("tail_mass", pa.list_(pa.float32())),
-    ]
-)
-# deltas of sorted ids and 16-bit values compress far better split into byte planes: their high bytes are near-constant
-_ENCODING = {"ids.list.element": "BYTE_STREAM_SPLIT", "logprobs.list.element": "BYTE_STREAM_SPLIT"}
-_CATALOG_DDL = """
-CREATE TABLE IF NOT EXISTS shards (
-    split VARCHAR, path VARCHAR PRIMARY KEY, seq_start BIGINT, seq_end BIGINT, rows BIGINT, tokens BIGINT,
-    bytes BIGINT, sha256 VARCHAR, teacher_fingerprint VARCHAR, tokenizer_fingerprint VARCHAR, k INTEGER,
-    mode VARCHAR, temperature DOUBLE, value_dtype VARCHAR, seed BIGINT, kept_mass_sum DOUBLE, entropy_sum DOUBLE,
-    value_err_max DOUBLE, value_err_sum DOUBLE, created_at TIMESTAMP)
-"""
-# what a catalog row must share with this run (seed only matters, and is only stored, for sampled ids)
-IDENTITY = ("teacher_fingerprint", "tokenizer_fingerprint", "k", "mode", "temperature", "value_dtype", "seed")
-
-
-def connect_catalog(path: Path, read_only: bool = False, wait_s: float = 60.0) -> duckdb.DuckDBPyConnection:
-    """Open the catalog, waiting while another process holds it (each holder keeps it open only briefly)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as err:
-            if "lock" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def catalog_rows(path: Path, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:
-    with connect_catalog(path, read_only=True) as con:
-        cursor = con.execute(f"SELECT * FROM shards {where} ORDER BY split, seq_start", list(params))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-
-def shard_path(split: str, seq_start: int, seq_end: int) -> str:
-    """A shard's path relative to out_dir."""
-    return f"{SHARDS}/{split}/{split}-{seq_start:09d}-{seq_end:09d}.parquet"
-
-
-def prediction_mask(loss_mask: np.ndarray) -> np.ndarray:
-    """[N, L] bool: positions whose next token is a loss target, the only ones whose distribution is stored."""
-    return np.pad(loss_mask[:, 1:] > 0, ((0, 0), (0, 1)))
-
-
-def next_token_targets(tokens: np.ndarray, loss_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels [N, L] int32 (position i predicts token i + 1; 0 at the end) and their float32 weights
-    (prediction_mask): what students train on and evaluation scores."""
-    labels = np.pad(tokens[:, 1:], ((0, 0), (0, 1))).astype(np.int32)
-    return labels, prediction_mask(loss_mask).astype(np.float32)
 
 
 def shard_table(
@@ -150,7 +98,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
         compression="zstd",
         compression_level=3,
         use_dictionary=False,
-        column_encoding=_ENCODING,
+        column_encoding=ENCODING,
     )
     return buffer.getvalue()
 
@@ -188,7 +136,7 @@ class _Catalog:
     def __init__(self, out_dir: Path, identity: dict[str, Any], log: Callable[[str], None]):
         self.out_dir, self.path, self.identity, self.log = out_dir, out_dir / CATALOG, identity, log
         with connect_catalog(self.path) as con:
-            con.execute(_CATALOG_DDL)
+            con.execute(CATALOG_DDL)
         for row in catalog_rows(self.path):
             theirs = {name: row[name] for name in IDENTITY}
             if theirs != identity:
@@ -265,8 +213,12 @@ def build_teacher_cache(
     teacher: LoadedModel,
     out_dir: Path,
     log: Callable[[str], None] = print,
+    persist: Callable[[Path], None] = lambda path: None,
 ) -> dict[str, Any]:
-    """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards."""
+    """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards.
+
+    persist: called with each committed shard and then the catalog, so a remote store holds them at once.
+    """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tokenizer_fingerprint = check_teacher(teacher, data_dir, config.k)
@@ -322,6 +274,8 @@ def build_teacher_cache(
             mask = prediction_mask(data["loss_mask"][lo:hi])
             table, sums = shard_table(data["seq_index"][lo:hi], data["seq_id"][lo:hi], mask, summary, config.values)
             size = catalog.commit(split, (lo, hi), table, sums)
+            persist(out_dir / shard_path(split, lo, hi))
+            persist(catalog.path)
             computed += sums["tokens"]
             progress.update(sums["tokens"])
             log(f"teacher_cache: {split} [{lo}, {hi}): {sums['tokens']} tokens, {size} bytes")
