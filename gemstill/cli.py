@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -273,10 +274,20 @@ def run(
     plan = make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded API
     from gemstill.flows.distill import distill
-    from gemstill.logs import quiet_user_errors
+    from gemstill.loading import cache_root
+    from gemstill.logs import quiet_tracebacks
 
-    quiet_user_errors()
-    results = distill(profile=profile, pipeline=pipeline, refresh=refresh, only=only, store=store, overrides=overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log_file = quiet_tracebacks(cache_root() / "logs" / f"run-{plan.profile.name}-{stamp}-{os.getpid()}.log")
+    try:
+        results = distill(
+            profile=profile, pipeline=pipeline, refresh=refresh, only=only, store=store, overrides=overrides
+        )
+    except GemstillError:
+        raise
+    except Exception as error:  # a bug or a dead dependency: one line here, the traceback in the log file
+        message = " ".join(str(error).split())[:300]
+        raise GemstillError(f"{type(error).__name__}: {message} (the traceback is in {log_file})") from None
     table = Table("stage", "key", "result", "headline metrics", title=f"profile {profile}")
     for name, result in results.items():
         table.add_row(name, result["key"], "cached" if result["cached"] else "ran", _headline(result["metrics"]))

@@ -82,6 +82,7 @@ def pretrain(
     out_dir: Path,
     log: Callable[[str], None] = print,
     persist: Callable[[Path], None] = lambda path: None,
+    report_progress: Callable[[float], None] = lambda fraction: None,
 ) -> dict[str, Any]:
     """Train, checkpointing to out_dir/checkpoints; write the final model to out_dir/model (native format).
 
@@ -139,6 +140,7 @@ def pretrain(
             )
         history.append({"step": step + 1, "loss": loss, "grad_norm": float(grad_norm)})
         tokens_seen += int(batch["segment_ids"].astype(bool).sum())
+        report_progress((step + 1) / settings.steps)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             manager.save(
                 step + 1,

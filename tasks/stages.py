@@ -6,10 +6,16 @@ content key (stage_cache_key), so a done stage is a `Cached` task run; the artif
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from gemstill.errors import GemstillError
 from gemstill.pipeline.plan import make_plan, run_stage
@@ -32,6 +38,21 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect's cache key of a stage run: the stage's content key, so a run whose key is committed shows as
     `Cached` (the flow refreshes the cache wherever the store lacks the key, so the two never disagree)."""
     return f"gemstill-{parameters['stage']}-{parameters['planned_key']}"
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact for one stage run, updated at most every `every_s` seconds (and at 100%)."""
+
+    def __init__(self, key: str, description: str, every_s: float = 5.0):
+        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.every_s = every_s
+        self.last = time.monotonic()
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or now - self.last >= self.every_s:
+            update_progress_artifact(artifact_id=self.id, progress=round(100.0 * min(fraction, 1.0), 1))
+            self.last = now
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -59,7 +80,8 @@ def run_pipeline_stage(
             f"stage {stage}: its key here is {key} but the flow planned {planned_key}: the code, profile, data or "
             "teacher changed since the run started (or differ on this worker); start the run again"
         )
-    manifest = run_stage(plan, stage, fresh=fresh, log=logger.info)
+    progress = ProgressArtifact(artifact_key(f"{plan.profile.name}-{stage}-progress"), f"{stage} ({key})")
+    manifest = run_stage(plan, stage, fresh=fresh, log=logger.info, progress=progress)
     rows = [{"metric": k, "value": v} for k, v in manifest["metrics"].items()]
     create_table_artifact(
         key=artifact_key(f"{plan.profile.name}-{stage}"),

@@ -62,10 +62,12 @@ def halting(ctx: StageContext) -> dict[str, Any]:
     out = ctx.workdir / "doubled.json"
     text = json.dumps([2 * n + ctx.profile.data.seed for n in numbers])
     out.write_text(text[: len(text) // 2])
+    ctx.progress(0.5)
     if os.environ.get("GEMSTILL_TEST_FAIL") == ctx.stage:
         raise RuntimeError("injected failure halfway through")
     time.sleep(float(os.environ.get("GEMSTILL_TEST_SLEEP", "0")))
     out.write_text(text)
+    ctx.progress(1.0)
     return {"sum": sum(json.loads(text))}
 
 

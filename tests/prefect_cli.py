@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,9 +87,13 @@ def process_worker(env: dict[str, str], log_path: Path, pool: str = "gemstill-pr
         )
         try:
             yield
-        finally:
+        finally:  # a loaded machine can take longer than the grace period to shut a worker down
             worker.terminate()
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=30)
 
 
 _TASK_STATES = """

@@ -187,12 +187,12 @@ def test_shipped_profiles_validate_with_memory_estimates():
     assert os.fspath(plan.pipeline_path).endswith("pipelines/distill.yaml")
 
 
-def _cli(*args: str, cwd: Path):
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "gemstill", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 def test_cli_errors_are_one_plain_line(tmp_path):
@@ -214,6 +214,24 @@ def test_cli_errors_are_one_plain_line(tmp_path):
     assert "Traceback" not in stage.stderr, stage.stderr[-2000:]
     last = stage.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(missing) in last, last
+
+
+def test_a_stage_that_crashes_under_gemstill_run_is_one_line_with_the_traceback_in_the_log(workspace):
+    """Not bad input but a bug (a RuntimeError inside a stage): the terminal still shows one line, naming the
+    log file that holds the traceback."""
+    (workspace / "pipe.yaml").write_text(DIAMOND)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parent),
+        "GEMSTILL_TEST_FAIL": "left",
+        "GEMSTILL_CACHE": str(workspace / "cache"),
+    }
+    result = _cli("run", str(workspace / "profile.yaml"), cwd=workspace, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: RuntimeError: injected failure halfway through (the traceback is in "), last
+    log_file = Path(last.rsplit("the traceback is in ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log_file.read_text()
 
 
 def test_profiles_are_found_in_the_environment_the_working_directory_then_the_package(tmp_path, monkeypatch):
@@ -314,6 +332,15 @@ def _task_runs(flow_run_id) -> dict[str, object]:
     return {run.name.split("-")[0]: run for run in runs}
 
 
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+    return latest
+
+
 @pytest.mark.parametrize("concurrent", [1, 2])
 def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, monkeypatch, concurrent):
     """Every stage is a task run tagged with its stage, waiting on the stages it needs (the UI's edges);
@@ -337,6 +364,7 @@ def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, mo
     source_id = runs["stage:source"].id
     for name in ("stage:left", "stage:right"):
         assert [i.id for i in runs[name].task_inputs["wait_for"]] == [source_id]
+    assert _artifact("machinery-left-progress").data == 100.0  # the stage reported its progress to the end
     again = distill(profile=profile, overrides=overrides, return_state=True)
     assert {name: run.state.name for name, run in _task_runs(again.state_details.flow_run_id).items()} == {
         "stage:left": "Cached",

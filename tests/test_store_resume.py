@@ -119,3 +119,34 @@ def test_a_teacher_cache_killed_after_one_shard_resumes_on_another_machine(tiny_
     assert manifest["metrics"]["computed_shards"] == manifest["metrics"]["shards"] - 1
     shards = lambda files: {f["path"]: f["sha256"] for f in files if f["path"].startswith("shards/")}  # noqa: E731
     assert shards(manifest["files"]) == shards(expected)
+
+
+def test_training_killed_after_a_checkpoint_resumes_from_it_on_another_machine(tiny_teacher, tmp_path, monkeypatch):
+    """train_baseline on a remote store: killed once its first checkpoint (step 20 of 40) reached the store, it
+    resumes on a machine with an empty local disk from that checkpoint, and ends where an uninterrupted run ends."""
+    reference = make_plan("tiny", store=str(seed_store(tiny_teacher, tmp_path / "local")))
+    for name in ("layer_map", "train_baseline"):
+        run_stage(reference, name)
+    expected = reference.store.manifest("train_baseline", reference.stages["train_baseline"].key)["metrics"]
+
+    url = f"memory://resume-{uuid.uuid4().hex}"
+    _upload(tiny_teacher, url)
+    plan = make_plan("tiny", store=url)
+    run_stage(dataclasses.replace(plan, store=ArtifactStore(url, staging_root=tmp_path / "a")), "layer_map")
+    real_persist = ArtifactStore.persist
+
+    def killed_after_the_first_checkpoint(self, stage, key, refresh, path):
+        real_persist(self, stage, key, refresh, path)
+        if Path(path).name == "checkpoints":
+            raise Killed
+
+    monkeypatch.setattr(ArtifactStore, "persist", killed_after_the_first_checkpoint)
+    with pytest.raises(Killed):
+        run_stage(dataclasses.replace(plan, store=ArtifactStore(url, staging_root=tmp_path / "a")), "train_baseline")
+    monkeypatch.undo()
+    logs: list[str] = []
+    machine_b = dataclasses.replace(plan, store=ArtifactStore(url, staging_root=tmp_path / "b"))
+    manifest = run_stage(machine_b, "train_baseline", log=logs.append)
+    assert any("resuming from step 20" in line for line in logs), logs
+    assert manifest["metrics"]["final_train_loss"] == pytest.approx(expected["final_train_loss"], rel=1e-5)
+    assert manifest["metrics"]["validation_loss"] == pytest.approx(expected["validation_loss"], rel=1e-5)

@@ -355,11 +355,13 @@ def train(
     log: Callable[[str], None] = print,
     mesh: Mesh | None = None,
     persist: Callable[[Path], None] | None = None,
+    report_progress: Callable[[float], None] = lambda fraction: None,
 ) -> dict[str, Any]:
     """Train (resuming from out_dir/checkpoints when a killed attempt left one), then write out_dir/model (native),
     metrics.jsonl and loss_curve.png. With a mesh, parameters, optimizer state and batches are sharded on it.
 
     persist: called with the checkpoint directory once each checkpoint is written, to mirror it to the store.
+    report_progress: called with the fraction of steps done after each step.
     """
     training = run.training
     optimizer = make_optimizer(training.optimizer, training.steps, training.freeze)
@@ -418,6 +420,7 @@ def train(
             record.update({f"val_{name}": value for name, value in last_val.items()})
         history.append(record)
         progress.set_postfix(loss=f"{terms['loss']:.4f}")
+        report_progress((step + 1) / training.steps)
         if (step + 1) % training.log_every == 0 or done:
             log(
                 f"{run.title}: step {step + 1}/{training.steps} loss {terms['loss']:.4f} "

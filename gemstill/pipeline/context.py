@@ -28,6 +28,8 @@ class StageContext:
     # mirror a finished piece of partial work (a file or directory under workdir) to the store now, so a run on
     # another machine resumes from it; a no-op when the store is the local directory the stage works in
     persist: Callable[[Path], None] = lambda path: None
+    # how far the stage is, 0..1 (long loops report it; the Prefect task shows it as a progress artifact)
+    progress: Callable[[float], None] = lambda fraction: None
 
     def training_data(self) -> Path:
         """The packed data a student trains on: the teacher's solutions where the pipeline has a

@@ -13,6 +13,7 @@ import json
 import platform
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,7 +122,13 @@ def check_hardware(profile: Profile) -> None:
         )
 
 
-def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str, Any]:
+def run_stage(
+    plan: Plan,
+    name: str,
+    fresh: bool = False,
+    log: Callable[[str], None] = print,
+    progress: Callable[[float], None] = lambda fraction: None,
+) -> dict[str, Any]:
     """Run one stage whose inputs are done and commit its manifest; the caller decides whether it must run.
 
     The run holds the key's lease throughout (a second run of the same key waits for it, then finds it done);
@@ -151,6 +158,7 @@ def run_stage(plan: Plan, name: str, fresh: bool = False, log=print) -> dict[str
             log=log,
             input_keys=dict(stage.inputs),
             persist=lambda path: plan.store.persist(name, stage.key, fresh, path),
+            progress=progress,
         )
         started = time.time()
         metrics = stage.task.fn(context)

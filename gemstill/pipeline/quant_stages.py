@@ -134,7 +134,14 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
         out = ctx.workdir / fmt
         run = qat_run(profile, config, params, ctx.input("teacher_cache"), fmt)
         result = train(
-            run, ctx.training_data(), out, tokenizer.model_proto, log=ctx.log, mesh=_mesh(profile), persist=ctx.persist
+            run,
+            ctx.training_data(),
+            out,
+            tokenizer.model_proto,
+            log=ctx.log,
+            mesh=_mesh(profile),
+            persist=ctx.persist,
+            report_progress=ctx.progress,
         )
         _, master = load_native(out / "model")
         save_variant(out, config, master, fmt, tokenizer, profile.quantize.embedding)

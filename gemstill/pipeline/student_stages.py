@@ -98,7 +98,16 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
     data_dir = ctx.training_data()
     mesh = _mesh(ctx.profile)
     tokenizer_model = (data_dir / "tokenizer.model").read_bytes()
-    return train(run, data_dir, ctx.workdir, tokenizer_model, log=ctx.log, mesh=mesh, persist=ctx.persist)
+    return train(
+        run,
+        data_dir,
+        ctx.workdir,
+        tokenizer_model,
+        log=ctx.log,
+        mesh=mesh,
+        persist=ctx.persist,
+        report_progress=ctx.progress,
+    )
 
 
 def _mesh(profile: Profile):

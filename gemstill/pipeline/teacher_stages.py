@@ -32,7 +32,15 @@ def pretrain_teacher_stage(ctx: StageContext) -> dict[str, Any]:
         raise GemstillError("stage pretrain_teacher needs teacher.scratch in the profile; or drop the stage")
     precision = ctx.profile.precision
     config = scratch.gemma_config().replace(param_dtype=precision.params, dtype=precision.compute)
-    return pretrain(config, scratch.training, ctx.input("prepare_data"), ctx.workdir, log=ctx.log, persist=ctx.persist)
+    return pretrain(
+        config,
+        scratch.training,
+        ctx.input("prepare_data"),
+        ctx.workdir,
+        log=ctx.log,
+        persist=ctx.persist,
+        report_progress=ctx.progress,
+    )
 
 
 def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
@@ -40,7 +48,13 @@ def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
 
     teacher = load_teacher(ctx)
     return build_teacher_cache(
-        ctx.profile.teacher_cache, ctx.training_data(), teacher, ctx.workdir, log=ctx.log, persist=ctx.persist
+        ctx.profile.teacher_cache,
+        ctx.training_data(),
+        teacher,
+        ctx.workdir,
+        log=ctx.log,
+        persist=ctx.persist,
+        report_progress=ctx.progress,
     )
 
 

@@ -214,6 +214,7 @@ def build_teacher_cache(
     out_dir: Path,
     log: Callable[[str], None] = print,
     persist: Callable[[Path], None] = lambda path: None,
+    report_progress: Callable[[float], None] = lambda fraction: None,
 ) -> dict[str, Any]:
     """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards.
 
@@ -278,6 +279,7 @@ def build_teacher_cache(
             persist(catalog.path)
             computed += sums["tokens"]
             progress.update(sums["tokens"])
+            report_progress(computed / total if total else 1.0)
             log(f"teacher_cache: {split} [{lo}, {hi}): {sums['tokens']} tokens, {size} bytes")
     compute_seconds = time.perf_counter() - compute_started
     metrics = _totals(catalog.path, config.splits)
