@@ -4,14 +4,16 @@ Every stage is a task run, done ones included: those whose content key is commit
 `Cached` (the task's cache key is the stage's key), so the UI shows the whole DAG and a flow-run retry resumes
 at the stage that failed. Each stage is submitted with `wait_for` on the stages it needs, so the UI draws the
 edges and independent stages (teacher_cache and layer_map, train_student and train_baseline) run side by side,
-up to `hardware.concurrent_stages` at a time.
+up to `hardware.concurrent_stages` at a time. In a deployment run, a stage whose pipeline entry names a
+`work_pool` runs there instead, as a flow run of the deployment `gemstill-stage/<work_pool>` (flows/stage.py)
+linked to its task run; `gemstill run` runs every stage in its own process.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from gemstill.tasks.stages import artifact_key, deployment_run, run_pipeline_stage
+from gemstill.tasks.stages import artifact_key, deployment_run, run_pipeline_stage, run_stage_on_pool
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, wait
@@ -21,11 +23,11 @@ from prefect.tasks import exponential_backoff
 from gemstill.pipeline.plan import Plan, make_plan, select_stages
 
 
-def _stage_task(plan: Plan, name: str, forced: set[str]):
+def _stage_task(plan: Plan, name: str, forced: set[str], on_pool: bool):
     planned = plan.stages[name]
     retries = planned.spec.retries
     done = plan.store.manifest(name, planned.key) is not None
-    return run_pipeline_stage.with_options(
+    return (run_stage_on_pool if on_pool else run_pipeline_stage).with_options(
         name=f"stage:{name}",
         tags=[f"stage:{name}", f"task:{planned.spec.task}", f"profile:{plan.profile.name}"],
         retries=retries.count,
@@ -48,16 +50,23 @@ def distill(
 ) -> dict[str, dict[str, Any]]:
     """Run `profile` through its pipeline (or `pipeline`); `overrides` set dotted profile keys."""
     logger = get_run_logger()
-    plan = make_plan(profile, pipeline, store, overrides, restricted=deployment_run())
+    from_deployment = deployment_run()
+    plan = make_plan(profile, pipeline, store, overrides, restricted=from_deployment)
     stages, forced = select_stages(plan, refresh or [], only)
     futures: dict[str, PrefectFuture] = {}
     with ThreadPoolTaskRunner(max_workers=plan.profile.hardware.concurrent_stages) as runner:
         for name in stages:
             planned = plan.stages[name]
-            logger.info("stage %s: submitted (%s)", name, planned.key)
+            named_pool = planned.spec.work_pool
+            pool = named_pool if from_deployment else None
+            if named_pool and not from_deployment:
+                logger.info("stage %s names work pool %s; a run outside a deployment runs it here", name, named_pool)
+            logger.info("stage %s: submitted (%s)%s", name, planned.key, f" to work pool {pool}" if pool else "")
+            on_pool = {"work_pool": pool, "job_variables": planned.spec.job_variables} if pool else {}
             futures[name] = runner.submit(
-                _stage_task(plan, name, forced),
+                _stage_task(plan, name, forced, on_pool=bool(pool)),
                 parameters={
+                    **on_pool,
                     "profile": profile,
                     "stage": name,
                     "pipeline": pipeline,

@@ -60,8 +60,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), GemstillError)
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_retry_unless_user_error)
-def run_pipeline_stage(
+def run_stage_here(
     profile: str,
     stage: str,
     pipeline: str | None = None,
@@ -71,7 +70,7 @@ def run_pipeline_stage(
     planned_key: str = "",
 ) -> dict[str, Any]:
     """Rebuild the plan in this process (so any worker can run it) and run one stage of it, refusing at once if
-    the stage's key here is not the one the flow planned."""
+    the stage's key here is not the one the flow planned; the body of a stage task run and of a stage flow run."""
     logger = get_run_logger()
     plan = make_plan(profile, pipeline, store, overrides, restricted=deployment_run())
     key = plan.stages[stage].key
@@ -96,4 +95,75 @@ def run_pipeline_stage(
             description=f"{stage} report ({manifest['key']})",
         )
     logger.info("stage %s committed as %s in %.1f s", stage, manifest["key"], manifest["seconds"])
+    return _summary(manifest)
+
+
+def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in ("stage", "key", "metrics", "seconds")}
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_retry_unless_user_error)
+def run_pipeline_stage(
+    profile: str,
+    stage: str,
+    pipeline: str | None = None,
+    store: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    fresh: bool = False,
+    planned_key: str = "",
+) -> dict[str, Any]:
+    """One stage, run in the flow's own process."""
+    return run_stage_here(profile, stage, pipeline, store, overrides, fresh, planned_key)
+
+
+STAGE_FLOW = "gemstill-stage"  # flows/stage.py; its deployment named after a work pool runs stages there
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, retry_condition_fn=_retry_unless_user_error)
+def run_stage_on_pool(
+    work_pool: str,
+    job_variables: dict[str, Any],
+    profile: str,
+    stage: str,
+    pipeline: str | None = None,
+    store: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    fresh: bool = False,
+    planned_key: str = "",
+) -> dict[str, Any]:
+    """One stage, run as a flow run of the deployment `gemstill-stage/<work_pool>` (on that pool's workers, with
+    `job_variables`), waited for; its result is read back from the shared store, which is the truth."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    deployment = f"{STAGE_FLOW}/{work_pool}"
+    parameters = {
+        "profile": profile,
+        "stage": stage,
+        "pipeline": pipeline,
+        "store": store,
+        "overrides": overrides,
+        "fresh": fresh,
+        "planned_key": planned_key,
+    }
+    try:
+        flow_run = run_deployment(deployment, parameters=parameters, job_variables=job_variables or None, timeout=None)
+    except ObjectNotFound:
+        raise GemstillError(
+            f"stage {stage} names work_pool {work_pool}, but the server has no deployment {deployment}; deploy one: "
+            f"prefect deploy flows/stage.py:one_stage --name {work_pool} --pool {work_pool}"
+        ) from None
+    if not flow_run.state.is_completed():
+        raise RuntimeError(
+            f"stage {stage} ended {flow_run.state.name} on work pool {work_pool} (flow run {flow_run.name}): "
+            f"{flow_run.state.message}"
+        )
+    plan = make_plan(profile, pipeline, store, overrides, restricted=deployment_run())
+    manifest = plan.store.manifest(stage, planned_key)
+    if manifest is None:
+        raise GemstillError(
+            f"stage {stage} completed on work pool {work_pool} but {plan.store.root} has no commit of {planned_key}: "
+            "that pool's workers must see the same store (an fsspec URL every machine reaches)"
+        )
+    get_run_logger().info("stage %s committed on work pool %s as %s", stage, work_pool, planned_key)
+    return _summary(manifest)

@@ -74,11 +74,13 @@ def prefect(env: dict[str, str], *args: str, timeout: float = 120, check: bool =
 
 
 @contextlib.contextmanager
-def process_worker(env: dict[str, str], log_path: Path, pool: str = "gemstill-process") -> Iterator[None]:
-    """A process worker on `pool` running one flow run at a time, stopped on exit."""
+def process_worker(
+    env: dict[str, str], log_path: Path, pool: str = "gemstill-process", limit: int | None = 1
+) -> Iterator[None]:
+    """A process worker on `pool` running at most `limit` flow runs at a time, stopped on exit."""
     with log_path.open("w") as log:
         worker = subprocess.Popen(
-            [*PREFECT_CLI, "worker", "start", "--pool", pool, "--limit", "1"],
+            [*PREFECT_CLI, "worker", "start", "--pool", pool, *(["--limit", str(limit)] if limit else [])],
             env=env,
             cwd=REPO,
             stdout=log,
@@ -104,6 +106,48 @@ with get_client(sync_client=True) as client:
     runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))
 print(json.dumps({r.name.rsplit("-", 1)[0]: r.state.name for r in runs}))
 """
+
+
+_FLOW_RUNS = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[sys.argv[1]])))
+    print(json.dumps([
+        {
+            "id": str(r.id), "state": r.state.name, "run_count": r.run_count, "work_pool": r.work_pool_name,
+            "job_variables": r.job_variables, "parameters": r.parameters,
+            "parent_task_run": str(r.parent_task_run_id) if r.parent_task_run_id else None,
+            "history": [s.name for s in sorted(client.read_flow_run_states(r.id), key=lambda s: s.timestamp)],
+        }
+        for r in runs
+    ]))
+"""
+
+
+def flow_runs(env: dict[str, str], flow: str) -> list[dict]:
+    """Every flow run of the flow named `flow`: state, run count, pool, job variables, parameters, parent task
+    run and the names of its states in order, read from the server's API."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-c", _FLOW_RUNS, flow], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def kill_flow_run_process(flow_run: str) -> int:
+    """SIGKILL the process a worker started for `flow_run` (as the OOM killer would); returns its pid."""
+    import psutil
+
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run:
+                process.kill()
+                return process.pid
+    raise AssertionError(f"no process runs flow run {flow_run}")
 
 
 def flow_run_id(output: str) -> str:

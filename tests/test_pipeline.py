@@ -133,6 +133,7 @@ def test_remote_store_commits_files_then_manifest(workspace):
         ("name: x\nstages: {}\n", "'stages' is empty"),
         ("name: x\nstages:\n  a: {task: t\n", "invalid YAML at line"),
         ("- just\n- a list\n", "expected a mapping"),
+        ("name: x\nstages:\n  a: {task: t, job_variables: {env: {A: b}}}\n", "job_variables .* set work_pool too"),
     ],
 )
 def test_invalid_pipeline_files(tmp_path, text, message):
@@ -392,3 +393,23 @@ def test_after_a_failure_a_rerun_runs_only_the_failed_stage(workspace, monkeypat
         "stage:right": "Cached",
         "stage:source": "Cached",
     }
+
+
+def test_a_stage_on_a_work_pool_runs_here_outside_a_deployment_and_keeps_its_key(workspace):
+    """work_pool and job_variables say where a stage runs, not what it computes: the key stays, and a run that
+    is not a deployment run (gemstill run, a flow called in-process) runs the stage in its own process."""
+    profile = str(workspace / "profile.yaml")
+    before = make_plan(profile).stages["double"].key
+    pooled = CHAIN.replace("needs: [source]}", 'needs: [source], work_pool: big, job_variables: {env: {A: "1"}}}')
+    (workspace / "pipe.yaml").write_text(pooled)
+    assert make_plan(profile).stages["double"].key == before
+    distill(profile=profile)
+    assert ran(workspace) == ["source", "double", "total"]
+
+
+def test_a_work_pool_without_its_stage_deployment_is_one_line_naming_the_command(workspace):
+    from gemstill.tasks.stages import run_stage_on_pool
+
+    with pytest.raises(GemstillError, match=r"no deployment gemstill-stage/big; deploy one: prefect deploy") as error:
+        run_stage_on_pool.fn("big", {}, profile=str(workspace / "profile.yaml"), stage="source", planned_key="k")
+    assert "\n" not in str(error.value)

@@ -20,6 +20,8 @@ import functools
 import hashlib
 import importlib.util
 import json
+import threading
+import time
 from importlib.metadata import PackageNotFoundError, distributions, version
 from pathlib import Path
 
@@ -66,13 +68,28 @@ def _import_names(node: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
+_PARSE_LOCK = threading.Lock()
+
+
 @functools.cache
 def _parsed(name: str) -> tuple[ast.Module, bool] | None:
+    """The module's syntax tree. CPython 3.11's AST constructor keeps its recursion depth in global state, so two
+    threads parsing at once (ours or a library's) can fail with "SystemError: AST constructor recursion depth
+    mismatch": parse under a lock, and parse again if another thread's parse got in the way."""
     found = _source_file(name)
     if found is None:
         return None
     path, is_package = found
-    return ast.parse(path.read_bytes(), filename=str(path)), is_package
+    source = path.read_bytes()
+    for attempt in range(5):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, filename=str(path)), is_package
+        except SystemError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _imported_names(name: str, function: str | None = None) -> set[str]:

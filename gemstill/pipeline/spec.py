@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gemstill.errors import GemstillError
 from gemstill.pipeline.yamlio import read_yaml, validate
@@ -28,6 +28,16 @@ class StageSpec(BaseModel):
     retries: Retries = Retries()
     timeout_seconds: float | None = Field(None, gt=0)
     cache: Literal["content", "never"] = "content"  # never: recompute on every run
+    # where the stage runs when the flow runs from a deployment: the deployment `gemstill-stage/<work_pool>`
+    # (flows/stage.py) started through run_deployment with these job variables; infrastructure, so not in the key
+    work_pool: str | None = Field(None, min_length=1)
+    job_variables: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _job_variables_need_a_pool(self) -> StageSpec:
+        if self.job_variables and self.work_pool is None:
+            raise ValueError("job_variables configure a work pool's jobs: set work_pool too")
+        return self
 
 
 class PipelineSpec(BaseModel):
