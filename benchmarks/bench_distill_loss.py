@@ -1,7 +1,7 @@
 """The chunked custom-VJP distillation loss vs the naive one, at Gemma 3's vocabulary (262,144), side by side.
 
 Naive: full [tokens x vocab] float32 logits, log_softmax and gathers, differentiated by JAX. Chunked:
-gemstill.distill.head.head_stats (one [chunk x vocab] tile live at a time, recomputed in the backward pass) with
+gemstill.kernels.chunked_head.head_stats (one [chunk x vocab] tile live at a time, recomputed in the backward pass) with
 the same sparse forward-KL + cross-entropy loss on top. Printed per configuration:
   - compiled temporary memory of forward+backward (XLA memory analysis; deterministic, works on CPU), and
   - training-loss throughput, tokens/s of forward+backward (median of --repeats timed calls after a warm-up),
@@ -20,8 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gemstill.kernels.chunked_head import head_stats, head_stats_reference
 
-from gemstill.distill.head import head_stats, head_stats_reference
 from gemstill.distill.losses import TeacherTargets, logit_loss
 from gemstill.memory import human
 

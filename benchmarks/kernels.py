@@ -4,7 +4,7 @@ Memory (any backend, from XLA's compiled memory analysis, deterministic): peak t
 value-and-grad of a distillation loss (sparse KL over 64 kept ids at T=2 + hard-label CE) over an LM head of
 --vocab rows x --dim, --tokens tokens, float32:
   naive      logits [N x V] + log_softmax (at 1 and T) + gather, differentiated by JAX
-  chunked    gemstill.distill.head.head_stats (XLA, --chunk tokens per tile, custom VJP)
+  chunked    gemstill.kernels.chunked_head.head_stats (XLA, --chunk tokens per tile, custom VJP)
   fused      gemstill.kernels.lm_head with its three Pallas kernels as opaque calls (what XLA holds around them;
              a kernel's own working set is VMEM tiles, listed separately)
   fused-interp  the same lowered with the kernels in Pallas' CPU interpreter (adds the interpreter's copies of
@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 from gemstill.kernels import lm_head
 from gemstill.kernels.attention import attention
+from gemstill.kernels.chunked_head import HeadStats, head_stats
 from gemstill.kernels.quant_matmul import quant_matmul, quantize_int8
-
-from gemstill.distill.head import HeadStats, head_stats
 
 KEPT = 64
 TEMPERATURE = 2.0

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemstill.config import Gemma3Config
+from gemstill.kernels.attention import attention
+from gemstill.kernels.masks import attention_mask
 from gemstill.quant import PackedWeight
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows (padding) stay NaN-free
@@ -43,28 +45,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale: float) ->
     sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
     first, second = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
-
-def attention_mask(
-    query_pos: jax.Array,
-    key_pos: jax.Array,
-    window: int | None,
-    segments: jax.Array | None = None,
-    key_segments: jax.Array | None = None,
-) -> jax.Array:
-    """[B, T, S] visibility from positions; key_pos == -1 marks padding or an empty cache slot.
-
-    With `segments` [B, T] (packed documents, no cache), a query sees only keys of its own segment; the keys'
-    segment ids are `key_segments` [B, S] when they differ from the queries' (a key prefix), else `segments`.
-    """
-    delta = query_pos[:, :, None] - key_pos[:, None, :]
-    mask = (key_pos[:, None, :] >= 0) & (delta >= 0)
-    if window is not None:
-        mask &= delta < window
-    if segments is not None:
-        keys = segments if key_segments is None else key_segments
-        mask &= segments[:, :, None] == keys[:, None, :]
-    return mask
 
 
 def weight(param: nnx.Param, dtype: Any) -> jax.Array:
@@ -181,8 +161,6 @@ class Attention(nnx.Module):
 
         batch, steps, heads, head_dim = q.shape
         if attention_impl is not None and cache is None and not return_probs:
-            from gemstill.kernels.attention import attention
-
             out = attention(
                 q,
                 keys,

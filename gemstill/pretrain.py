@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gemstill.checkpoints.native import save_native
 from gemstill.config import Gemma3Config
 from gemstill.data.format import read_split
+from gemstill.distill.input_pipeline import batch_indices
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import build_model
@@ -47,15 +48,6 @@ class PretrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     eval_batches: int = Field(4, ge=1)
-
-
-def batch_indices(step: int, batch_size: int, rows: int, seed: int) -> np.ndarray:
-    """Rows of step `step`: epochs are seeded permutations, so the order depends on (seed, step) only."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, rows)
-    return np.array(
-        [np.random.default_rng([seed, int(e)]).permutation(rows)[o] for e, o in zip(epochs, offsets, strict=True)]
-    )
 
 
 def masked_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:

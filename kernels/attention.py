@@ -28,9 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gemstill.model import attention_mask
-
 from ._dispatch import resolve, round_up
+from .masks import attention_mask
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_KV = 256
@@ -46,7 +45,7 @@ def visible(
     q_segments: jax.Array | None = None,
     kv_segments: jax.Array | None = None,
 ) -> jax.Array:
-    """[B, T, S] mask: gemstill.model.attention_mask with separate query/key segment ids (one rule for both)."""
+    """[B, T, S] mask: gemstill.kernels.masks.attention_mask with separate query/key segment ids (one rule for both)."""
     return attention_mask(q_positions, kv_positions, window, q_segments, kv_segments)
 
 

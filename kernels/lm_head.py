@@ -1,6 +1,6 @@
 """Fused LM head for distillation: `head_stats` as Pallas TPU kernels that never hold [tokens x vocab] logits.
 
-Same contract as gemstill.distill.head.head_stats (HeadStats of z = hidden @ table^T, soft-capped): the two
+Same contract as gemstill.kernels.chunked_head.head_stats (HeadStats of z = hidden @ table^T, soft-capped): the two
 log-normalizers come from a kernel that walks the vocabulary a [block_n x block_v] tile at a time with an
 online log-sum-exp at temperature 1 and at T together, so one pass over the table serves both. The k kept logits
 and the label logit are not gathered from the tiles: comparing every tile element against k ids would cost k
@@ -25,9 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gemstill.distill.head import DEFAULT_CHUNK, HeadStats, head_stats
-
 from ._dispatch import resolve, round_up
+from .chunked_head import DEFAULT_CHUNK, HeadStats, head_stats
 
 DEFAULT_BLOCK_N = 256  # tokens per tile
 DEFAULT_BLOCK_V = 1024  # vocabulary rows per tile: a 256 x 1024 f32 tile is 1 MiB of VMEM
@@ -353,7 +352,7 @@ def _fused_bwd(tiles, residuals, cotangents):
     gather = _token_layout(count, tiles.block_n)[1]
     picked_h, grad_t = _picked_grads(h, table, p, g_picked, grad_t, tiles.softcap, gather)
     grad_h = (grad_h + picked_h)[:count]
-    # ids, labels and the temperature get no gradient (as in gemstill.distill.head)
+    # ids, labels and the temperature get no gradient (as in gemstill.kernels.chunked_head)
     return grad_h.astype(hidden.dtype), grad_t.astype(table.dtype), None, None
 
 

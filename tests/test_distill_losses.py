@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gemstill.kernels.chunked_head import head_stats, head_stats_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemstill.distill.config import Schedule, schedule_value
-from gemstill.distill.head import head_stats, head_stats_reference
 from gemstill.distill.losses import TeacherTargets, attention_loss, hidden_loss, logit_loss
 from gemstill.teacher_cache.compute import summarize
 

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from gemstill.kernels import lm_head
 from gemstill.kernels._dispatch import interpret_races_found, resolve
+from gemstill.kernels.chunked_head import head_stats, head_stats_reference
 from gemstill.kernels.lm_head import head_stats_dispatch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
-from gemstill.distill.head import head_stats, head_stats_reference
 
 
 def _inputs(seed: int, tokens: int, vocab: int, dim: int, kept: int, dtype=jnp.float32):

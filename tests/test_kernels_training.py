@@ -10,7 +10,8 @@ import numpy as np
 from test_train import dirs  # noqa: F401  (the packed data + teacher cache fixture)
 from train_driver import build_run
 
-from gemstill.distill.train import Batches, initial_params, make_loss
+from gemstill.distill.input_pipeline import Batches
+from gemstill.distill.train import initial_params, make_loss
 from gemstill.model import build_model
 from gemstill.params import to_flat
 from gemstill.pipeline.profile import load_profile

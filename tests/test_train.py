@@ -22,7 +22,8 @@ from train_driver import TEACHER, build_run
 
 from gemstill.checkpoints.native import load_native
 from gemstill.data.format import write_split
-from gemstill.distill.train import Batches, _stack_micro, initial_params, make_loss, make_train_step, train
+from gemstill.distill.input_pipeline import Batches, stack_micro
+from gemstill.distill.train import initial_params, make_loss, make_train_step, train
 from gemstill.errors import GemstillError
 from gemstill.loading import LoadedModel
 from gemstill.model import build_model
@@ -63,6 +64,57 @@ def test_training_writes_model_metrics_and_curve(dirs, tmp_path):
     assert metrics["steps"] == 6 and np.isfinite(metrics["validation_loss"])
 
 
+def test_prefetched_input_gives_bit_identical_losses_and_parameters(dirs, tmp_path):
+    """The background thread reads and places the same rows in the same order: nothing changes but the timing.
+    Metrics leave the device only every log_every steps (3 here, of 7), and still every step has its record."""
+    data, cache = dirs
+    histories, params = [], []
+    for depth in (0, 3):
+        out = tmp_path / f"prefetch-{depth}"
+        metrics = train(build_run(cache, steps=7, prefetch=depth, log_every=3), data, out, None, log=lambda _: None)
+        histories.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+        params.append(_params(out))
+        assert metrics["tokens_per_second"] > 0 and metrics["model_tflops_per_second"] > 0
+        assert metrics["mfu"] is None  # no peak is known for a CPU
+    terms = ("loss", "distill", "cross_entropy", "grad_norm", "val_loss")
+    assert [[h.get(k) for k in terms] for h in histories[0]] == [[h.get(k) for k in terms] for h in histories[1]]
+    assert [h["step"] for h in histories[1]] == list(range(1, 8))
+    for name in params[0]:
+        np.testing.assert_array_equal(params[0][name], params[1][name])
+
+
+def test_the_model_written_is_the_best_validated_checkpoint(dirs, tmp_path, monkeypatch):
+    """Validation says step 6 of 9 is best: out_dir/model (what quantize, QAT, evaluate and export read) holds
+    step 6's parameters, not the last step's, and the metrics report step 6's validation terms."""
+    import gemstill.distill.train as train_module
+    from gemstill.distill.checkpointing import TrainCheckpointer
+
+    data, cache = dirs
+    losses = iter([3.0, 1.0, 2.0])  # at steps 3, 6 and 9
+
+    def scripted(*args, **kwargs):
+        value = next(losses)
+        return {name: value for name in ("loss", "distill", "cross_entropy", "hidden", "attention")}
+
+    monkeypatch.setattr(train_module, "evaluate_objective", scripted)
+    run = build_run(cache, steps=9, eval_every=3, checkpoint_every=3, keep_checkpoints=1)
+    metrics = train(run, data, tmp_path, None, log=lambda _: None)
+    assert metrics["model_step"] == 6 and metrics["validation_loss"] == 1.0
+    checkpoints = TrainCheckpointer(tmp_path / "checkpoints", keep=1)
+    assert checkpoints.all_steps() == [6, 9]  # the best survives pruning beside the latest
+    from gemstill.distill.optim import make_optimizer
+
+    params = initial_params(run)
+    optimizer = make_optimizer(run.training.optimizer, run.training.steps, run.training.freeze)
+    target = {"params": params, "opt_state": optimizer.init(params), "history": []}
+    saved = {step: checkpoints.restore(step, target)["params"] for step in (6, 9)}
+    checkpoints.close()
+    written = _params(tmp_path)
+    for name, value in written.items():
+        np.testing.assert_array_equal(value, np.asarray(saved[6][name]))
+    assert any(not np.array_equal(written[name], np.asarray(saved[9][name])) for name in written)
+
+
 def test_gradient_accumulation_equals_the_full_batch(dirs):
     """One SGD(lr=1) step: the update is the gradient, so accumulating over 2 micro-batches must give the same."""
     data, cache = dirs
@@ -74,7 +126,7 @@ def test_gradient_accumulation_equals_the_full_batch(dirs):
         step = make_train_step(run, optax.sgd(1.0))
         params = initial_params(run)
         new, _, terms, _ = step(
-            dict(params), optax.sgd(1.0).init(params), None, _stack_micro(host, accum), jnp.asarray(0)
+            dict(params), optax.sgd(1.0).init(params), None, stack_micro(host, accum), jnp.asarray(0)
         )
         results.append((new, terms))
     (full, full_terms), (accumulated, acc_terms) = results

@@ -143,7 +143,8 @@ class TrainingConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(4, ge=1)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)  # also how often metrics leave the device (and NaN is checked)
+    prefetch: int = Field(2, ge=0, le=16)  # steps of input read and placed ahead by a thread; 0: synchronous
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

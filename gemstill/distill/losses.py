@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gemstill.distill.head import HeadStats
+from gemstill.kernels.chunked_head import HeadStats
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 TailMode = Literal["bucket", "renormalize"]

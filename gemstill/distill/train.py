@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from gemstill.checkpoints.native import save_native
 from gemstill.config import Gemma3Config
-from gemstill.data.format import read_split
-from gemstill.data.targets import next_token_targets
 from gemstill.distill.checkpointing import TrainCheckpointer
 from gemstill.distill.config import DistillConfig, TrainingConfig, schedule_value
+from gemstill.distill.flops import peak_flops, train_flops_per_token
+from gemstill.distill.input_pipeline import Batches, StepBatches
 from gemstill.distill.losses import TeacherTargets, attention_loss, hidden_loss, logit_loss
 from gemstill.distill.optim import is_frozen, learning_rate_schedule, make_optimizer
 from gemstill.distill.sharding import optimizer_state_shardings, param_specs, shard_tree, shardings_for
@@ -36,11 +36,8 @@ from gemstill.kernels.lm_head import head_stats_dispatch
 from gemstill.model import build_model
 from gemstill.params import ParamBinder
 from gemstill.plots import save_loss_curve
-from gemstill.pretrain import batch_indices
 from gemstill.quant import fake_quant_params
-from gemstill.teacher_cache.reader import TeacherCacheReader
 
-_COLUMNS = ("tokens", "positions", "segment_ids", "loss_mask")
 _TERMS = ("loss", "distill", "cross_entropy", "hidden", "attention")
 
 
@@ -253,44 +250,6 @@ def make_train_step(run: Run, optimizer: optax.GradientTransformation, out_shard
     return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-class Batches:
-    """The rows of every step (a function of seed and step) with their labels, weights and teacher targets."""
-
-    def __init__(self, data_dir: Path, cache_dir: Path | None, split: str):
-        self.split = split
-        self.data = read_split(data_dir, split)
-        self.rows = len(self.data["tokens"])
-        if self.rows == 0:
-            raise GemstillError(f"{data_dir}: the {split} split is empty; prepare more data (data.generated)")
-        self.reader = TeacherCacheReader(cache_dir) if cache_dir is not None else None
-        if self.reader is not None:
-            self.reader.check_alignment(data_dir)
-
-    def get(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        batch = {name: self.data[name][rows] for name in _COLUMNS}
-        batch["labels"], batch["weights"] = next_token_targets(batch["tokens"], batch["loss_mask"])
-        if self.reader is not None:
-            cached = self.reader.read(self.split, rows)
-            if (cached["mask"] != (batch["weights"] > 0)).any():
-                raise GemstillError(
-                    f"teacher cache {self.reader.out_dir}: stored positions differ from the data's loss positions; "
-                    "re-run the teacher_cache stage on this data"
-                )
-            batch.update(ids=cached["ids"], logprobs=cached["logprobs"], tail_mass=cached["tail_mass"])
-        del batch["loss_mask"]
-        return batch
-
-    def step_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        return batch_indices(step, batch_size, self.rows, seed)
-
-
-def _stack_micro(batch: dict[str, np.ndarray], accum: int, sharding: Any = None) -> dict[str, jax.Array]:
-    stacked = {name: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for name, v in batch.items()}
-    return {
-        name: jax.device_put(v, sharding) if sharding is not None else jnp.asarray(v) for name, v in stacked.items()
-    }
-
-
 class Placement:
     """Where arrays live: one device, or sharded over a (data, fsdp, tensor) mesh by gemstill.distill.sharding."""
 
@@ -394,60 +353,131 @@ def train(
         start = int(checkpointer.latest_step())
         log(f"{run.title}: resuming from step {start}")
 
-    began, tokens_seen, last_val = time.perf_counter(), 0, None
-    progress = tqdm(range(start, training.steps), desc=f"train {run.title}", initial=start, total=training.steps)
-    for step in progress:
-        host = train_batches.get(train_batches.step_rows(step, training.batch_size, training.seed))
-        batch = _stack_micro(host, training.grad_accum, place.batch())
-        params, opt_state, terms, grad_norm = step_fn(params, opt_state, teacher_params, batch, jnp.asarray(step))
-        terms = {name: float(value) for name, value in terms.items()}
-        if not all(np.isfinite(v) for v in terms.values()) or not np.isfinite(float(grad_norm)):
+    online = run.teacher.config if teacher_params is not None else None
+    flops_per_position = train_flops_per_token(run.student, train_batches.seq_len, online)
+    clock = Throughput()
+    last_val = None
+    pending: list[tuple[int, Any, Any]] = []  # steps the devices computed whose metrics are not fetched yet
+    progress = tqdm(desc=f"train {run.title}", initial=start, total=training.steps)
+    inputs = StepBatches(
+        train_batches, start, training.steps, training.batch_size, training.seed, training.grad_accum,
+        place.batch(), depth=training.prefetch,
+    )  # fmt: skip
+    for item in inputs:
+        step = item.step
+        params, opt_state, terms, grad_norm = step_fn(params, opt_state, teacher_params, item.arrays, jnp.asarray(step))
+        pending.append((step, terms, grad_norm))
+        clock.add(item.tokens, item.positions, first=step == start, ready=terms)
+        progress.update(1)
+        report_progress((step + 1) / training.steps)
+        done = step + 1 == training.steps
+        evaluate_now = (step + 1) % training.eval_every == 0 or done
+        checkpoint_now = (step + 1) % training.checkpoint_every == 0 or done
+        if not (evaluate_now or checkpoint_now or (step + 1) % training.log_every == 0):
+            continue  # no host sync: the next step is dispatched while this one runs
+        records = _fetch(pending, lr_at, clock.tokens_per_second())
+        pending.clear()
+        bad = next((r for r in records if not all(np.isfinite(r[k]) for k in (*_TERMS, "grad_norm"))), None)
+        if bad is not None:
             checkpointer.close()
             raise GemstillError(
-                f"{run.title}: loss became {terms['loss']} at step {step + 1} (grad norm {float(grad_norm)}); "
+                f"{run.title}: loss became {bad['loss']} at step {bad['step']} (grad norm {bad['grad_norm']}); "
                 f"the last good checkpoint (step {checkpointer.latest_step()}) is kept; lower "
                 "training.optimizer.learning_rate or check the data"
             )
-        tokens_seen += int(host["weights"].sum())
-        elapsed = time.perf_counter() - began
-        record = {"step": step + 1, **terms, "grad_norm": float(grad_norm), "lr": float(lr_at(step))}
-        record["tokens_per_second"] = tokens_seen / elapsed if elapsed > 0 else 0.0
-        done = step + 1 == training.steps
-        if (step + 1) % training.eval_every == 0 or done:
+        history.extend(records)
+        record = history[-1]
+        if evaluate_now:
             last_val = evaluate_objective(
                 run, eval_loss, params, teacher_params, val_batches, training.eval_batches, training.batch_size
             )
             record.update({f"val_{name}": value for name, value in last_val.items()})
-        history.append(record)
-        progress.set_postfix(loss=f"{terms['loss']:.4f}")
-        report_progress((step + 1) / training.steps)
-        if (step + 1) % training.log_every == 0 or done:
-            log(
-                f"{run.title}: step {step + 1}/{training.steps} loss {terms['loss']:.4f} "
-                f"(distill {terms['distill']:.4f}, ce {terms['cross_entropy']:.4f}) grad_norm {float(grad_norm):.3f} "
-                f"lr {record['lr']:.2e} {record['tokens_per_second']:.0f} tok/s"
-            )
-        if (step + 1) % training.checkpoint_every == 0 or done:
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        log(
+            f"{run.title}: step {step + 1}/{training.steps} loss {record['loss']:.4f} "
+            f"(distill {record['distill']:.4f}, ce {record['cross_entropy']:.4f}) grad_norm {record['grad_norm']:.3f} "
+            f"lr {record['lr']:.2e} {record['tokens_per_second']:.0f} tok/s"
+        )
+        if checkpoint_now:
             metrics = {"val_loss": record["val_loss"]} if "val_loss" in record else None
             checkpointer.save(step + 1, {"params": params, "opt_state": opt_state, "history": history}, metrics)
             if persist is not None:
                 checkpointer.wait()  # a checkpoint is mirrored only once it is whole
                 persist(out_dir / "checkpoints")
             _write_metrics(out_dir, history, run.title)
+    progress.close()
+    speed = clock.summary(flops_per_position, run.title, log)
+    checkpointer.wait()
+    chosen = checkpointer.best_step() or training.steps
+    if chosen != training.steps:  # later stages (quantize, QAT, evaluate, export) all read out_dir/model
+        params = checkpointer.restore(chosen, {"params": params, "opt_state": opt_state, "history": []})["params"]
+        log(f"{run.title}: step {chosen} has the lowest validation loss; the model is that checkpoint")
     checkpointer.close()
-    seconds = time.perf_counter() - began
-    if last_val is None:  # resumed after the last step: the final checkpoint's record has the validation terms
-        last_val = {name: history[-1].get(f"val_{name}", float("nan")) for name in _TERMS}
+    record = next(r for r in history if r["step"] == chosen)
+    chosen_val = {name: record.get(f"val_{name}", float("nan")) for name in _TERMS}
     save_native(out_dir / "model", run.student, jax.device_get(student_params(params)), tokenizer_model)
     _write_metrics(out_dir, history, run.title)
     return {
         "steps": training.steps,
         "final_train_loss": history[-1]["loss"],
-        **{f"validation_{name}": value for name, value in last_val.items()},
-        "tokens_per_second": tokens_seen / seconds if seconds > 0 and tokens_seen else None,
+        **{f"validation_{name}": value for name, value in chosen_val.items()},  # of the model written
+        "model_step": chosen,
+        **speed,
         "student_parameters": int(sum(np.prod(np.shape(v)) for v in student_params(params).values())),
-        "best_step": checkpointer.best_step(),
     }
+
+
+def _fetch(pending: list[tuple[int, Any, Any]], lr_at: Callable[[int], Any], tokens_per_second: float) -> list[dict]:
+    """The pending steps' records, fetched from the devices in one transfer."""
+    fetched = jax.device_get([(terms, norm) for _, terms, norm in pending])
+    return [
+        {
+            "step": step + 1,
+            **{name: float(value) for name, value in terms.items()},
+            "grad_norm": float(norm),
+            "lr": float(lr_at(step)),
+            "tokens_per_second": tokens_per_second,
+        }
+        for (step, _, _), (terms, norm) in zip(pending, fetched, strict=True)
+    ]
+
+
+class Throughput:
+    """Loss tokens and token positions per second, timed from the end of the run's first step (its compilation
+    is not throughput), and the model FLOPs utilization they imply on this platform's peak."""
+
+    def __init__(self) -> None:
+        self.tokens = self.positions = 0
+        self.began: float | None = None
+
+    def add(self, tokens: int, positions: int, first: bool, ready: Any) -> None:
+        if first:  # the one sync outside the sync points: wait for the compiled first step, then start the clock
+            jax.block_until_ready(ready)
+            self.began = time.perf_counter()
+            return
+        self.tokens += tokens
+        self.positions += positions
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.began if self.began is not None else 0.0
+
+    def tokens_per_second(self) -> float:
+        seconds = self.seconds()
+        return self.tokens / seconds if seconds > 0 else 0.0
+
+    def summary(self, flops_per_position: float, title: str, log: Callable[[str], None]) -> dict[str, Any]:
+        seconds = self.seconds()
+        if seconds <= 0 or not self.positions:
+            return {"tokens_per_second": None, "model_tflops_per_second": None, "mfu": None}
+        achieved = flops_per_position * self.positions / seconds
+        devices = jax.devices()
+        peak = peak_flops(devices[0].device_kind)
+        mfu = achieved / (peak * len(devices)) if peak else None
+        log(
+            f"{title}: {self.tokens / seconds:.0f} loss tokens/s, {achieved / 1e12:.3f} model TFLOP/s"
+            + (f", MFU {mfu:.1%}" if mfu is not None else f" (no peak known for {devices[0].device_kind}: no MFU)")
+        )
+        return {"tokens_per_second": self.tokens / seconds, "model_tflops_per_second": achieved / 1e12, "mfu": mfu}
 
 
 def _write_metrics(out_dir: Path, history: list[dict[str, float]], title: str) -> None:

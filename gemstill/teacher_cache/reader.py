@@ -7,8 +7,6 @@ sha256 the first time this reader touches it; a bad shard raises instead of feed
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,10 @@ import pyarrow.parquet as pq
 from gemstill.data.format import read_split
 from gemstill.errors import GemstillError
 from gemstill.fingerprint import file_sha256
+from gemstill.read_ahead import read_ahead
 from gemstill.teacher_cache.catalog import CATALOG, IDENTITY, VALUE_DTYPES, catalog_rows
 
 _REBUILD = "re-run the teacher_cache stage (it rewrites bad shards)"
-_DONE = object()
 
 
 class TeacherCacheReader:
@@ -85,37 +83,7 @@ class TeacherCacheReader:
         """`read` of consecutive groups of seq_indices (default: the whole split in order), read ahead by a thread."""
         order = np.arange(self.sequences(split)) if seq_indices is None else np.asarray(seq_indices, dtype=np.int64)
         groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        ready: queue.Queue[Any] = queue.Queue(maxsize=max(prefetch, 1))
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for group in groups:
-                    if not put(self.read(split, group)):
-                        return
-                put(_DONE)
-            except Exception as err:  # handed to the consumer, raised there
-                put(err)
-
-        thread = threading.Thread(target=produce, name="teacher-cache-prefetch", daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        return read_ahead((self.read(split, group) for group in groups), max(prefetch, 1), "teacher-cache-prefetch")
 
     def check_alignment(self, data_dir: Path) -> None:
         """Refuse a cache whose sequences are not those of the prepared data (seq_id per seq_index)."""
