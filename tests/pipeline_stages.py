@@ -54,10 +54,23 @@ def bad_input(ctx: StageContext) -> dict[str, Any]:
     raise GemstillError("injected bad input; fix the profile")
 
 
+def _meet(ctx: StageContext) -> None:
+    """With $GEMSTILL_TEST_MEET=DIR,N: mark this stage started in DIR and wait (60 s at most) until N stages
+    have, so a test sees stages overlap only if they really run at once, however slowly each one starts."""
+    if not (meet := os.environ.get("GEMSTILL_TEST_MEET")):
+        return
+    directory, count = meet.rsplit(",", 1)
+    Path(directory, f"{ctx.stage}.started").touch()
+    deadline = time.monotonic() + 60.0
+    while len(list(Path(directory).glob("*.started"))) < int(count) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def halting(ctx: StageContext) -> dict[str, Any]:
     """`double`, but slow (writes its file in two halves, a second apart) and failing on demand: with
     $GEMSTILL_TEST_FAIL naming the stage, it raises after writing half of its output."""
     _record(ctx)
+    _meet(ctx)
     numbers = json.loads((ctx.input("pipeline_stages:source") / "numbers.json").read_text())
     out = ctx.workdir / "doubled.json"
     text = json.dumps([2 * n + ctx.profile.data.seed for n in numbers])

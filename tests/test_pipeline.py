@@ -347,6 +347,9 @@ def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, mo
     """Every stage is a task run tagged with its stage, waiting on the stages it needs (the UI's edges);
     independent ones overlap when hardware.concurrent_stages allows; a second run shows them all Cached."""
     monkeypatch.setenv("GEMSTILL_TEST_SLEEP", "2")
+    if concurrent == 2:  # each waits for the other to start: they overlap only if both run at once
+        (workspace / "meet").mkdir()
+        monkeypatch.setenv("GEMSTILL_TEST_MEET", f"{workspace / 'meet'},2")
     (workspace / "pipe.yaml").write_text(DIAMOND)
     profile = str(workspace / "profile.yaml")
     overrides = {"hardware.concurrent_stages": concurrent}
