@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from gemstill.errors import GemstillError
 
 VOCAB_SIZE = 262_144
+LAYER_TYPES = ("sliding_attention", "full_attention")  # Hugging Face's names: local (windowed) and global
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -30,7 +31,8 @@ class Gemma3Config:
     local_rope_base: float = 10_000.0
     global_rope_base: float = 1_000_000.0
     global_rope_scale: float = 1.0  # linear RoPE scaling factor of the global layers
-    sliding_window_pattern: int = 6  # layer i is global iff (i + 1) % pattern == 0
+    sliding_window_pattern: int = 6  # layer i is global iff (i + 1) % pattern == 0, unless layer_types is set
+    layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: follow the pattern
     rms_norm_eps: float = 1e-6
     max_context: int = 32_768
     attn_logit_softcap: float | None = None
@@ -54,6 +56,26 @@ class Gemma3Config:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise GemstillError(f"model config: {name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if self.layer_types is not None:
+            self._canonical_layer_types(tuple(self.layer_types))
+
+    def _canonical_layer_types(self, types: tuple[str, ...]) -> None:
+        """Validate the per-layer list; one with a period is stored as that period (one canonical form, for
+        equality and for llama.cpp, which reads a period only)."""
+        if len(types) != self.num_layers:
+            raise GemstillError(
+                f"model config: layer_types has {len(types)} entries but num_layers is {self.num_layers}; give one "
+                "per layer (or none, to follow sliding_window_pattern)"
+            )
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise GemstillError(f"model config: layer_types {unknown} are not among {list(LAYER_TYPES)}")
+        for period in [self.sliding_window_pattern, *range(1, self.num_layers + 2)]:
+            if types == tuple(LAYER_TYPES[(i + 1) % period == 0] for i in range(self.num_layers)):
+                object.__setattr__(self, "sliding_window_pattern", period)
+                object.__setattr__(self, "layer_types", None)
+                return
+        object.__setattr__(self, "layer_types", types)
 
     @property
     def query_scale(self) -> float:
@@ -73,7 +95,14 @@ class Gemma3Config:
         return math.sqrt(self.embed_dim)
 
     def is_global(self, layer: int) -> bool:
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "full_attention"
         return (layer + 1) % self.sliding_window_pattern == 0
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Every layer's type by Hugging Face's names, set explicitly or by the pattern."""
+        return tuple(LAYER_TYPES[self.is_global(i)] for i in range(self.num_layers))
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

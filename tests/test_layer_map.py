@@ -17,7 +17,7 @@ from gemstill.distill.layer_map import (
     teacher_cka,
     validate_mapping,
 )
-from gemstill.distill.student_init import init_student_from_teacher
+from gemstill.distill.student_init import init_student_from_teacher, with_teacher_types
 from gemstill.errors import GemstillError
 from gemstill.model import build_model
 from gemstill.params import LAYER_PARAMS, check_flat, from_flat, to_flat
@@ -231,6 +231,19 @@ def test_student_copies_mapped_teacher_layers() -> None:
     assert not np.array_equal(init.params["layers.1.attn.q_proj"], teacher_flat["layers.1.attn.q_proj"])
     # student layer 2 slides (pattern 6) while teacher layer 5 is global
     assert init.notes == ["student layer 2 is sliding-window (4) but copies teacher layer 5, which is global"]
+
+
+def test_student_blocks_keep_the_types_of_the_teacher_blocks_they_copy() -> None:
+    """student.layer_types: teacher: block 2 copies the global teacher block 5 and becomes global (full attention,
+    the global RoPE base); the uncopied block 1 keeps its pattern's type; no block then attends differently."""
+    teacher_flat = to_flat(build_model(TEACHER, seed=0))
+    student = with_teacher_types(TEACHER.replace(num_layers=3), TEACHER, [(0, 2), (2, 5)])
+    assert student.types == ("sliding_attention", "sliding_attention", "full_attention")
+    assert student.layer_windows == (4, 4, None)
+    init = init_student_from_teacher(student, TEACHER, teacher_flat, [(0, 2), (2, 5)], seed=7)
+    assert init.notes == []
+    # every block kept: the types are the teacher's own pattern, stored as the pattern (None)
+    assert with_teacher_types(TEACHER, TEACHER, [(i, i) for i in range(6)]) == TEACHER
 
 
 def test_student_copying_every_layer_reproduces_teacher_logits() -> None:

@@ -21,6 +21,16 @@ from gemstill.params import from_flat, to_flat
 
 TOL = 1e-4
 SEQ = 21  # longer than the window of 8: local and global layers differ
+# per-layer types that follow no period (a student keeping its teacher blocks' types): G L G L L L G
+TINY_TYPED = TINY.replace(
+    layer_types=(
+        "full_attention",
+        *("sliding_attention", "full_attention"),
+        *3 * ("sliding_attention",),
+        "full_attention",
+    )
+)
+CONFIGS = pytest.mark.parametrize("config", [TINY, TINY_SCALED, TINY_TYPED], ids=["tiny", "tiny-scaled", "tiny-typed"])
 
 
 def _randomize(flat: dict, seed: int) -> dict[str, np.ndarray]:
@@ -48,7 +58,7 @@ def _tokens(config: Gemma3Config, batch: int = 2) -> np.ndarray:
     return np.random.default_rng(1).integers(0, config.vocab_size, size=(batch, SEQ))
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_SCALED], ids=["tiny", "tiny-scaled"])
+@CONFIGS
 def test_hf_checkpoint_loads_into_ours(tmp_path, config):
     """HF -> ours: a transformers model saved with save_pretrained gives the same log-probs in gemstill."""
     from transformers import Gemma3TextConfig
@@ -68,7 +78,7 @@ def test_hf_checkpoint_loads_into_ours(tmp_path, config):
     assert delta < TOL
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_SCALED], ids=["tiny", "tiny-scaled"])
+@CONFIGS
 def test_our_checkpoint_loads_into_transformers(tmp_path, config):
     """Ours -> HF: save_hf output loads in transformers and gives the same log-probs."""
     flat = _randomize(to_flat(build_model(config)), seed=2)
@@ -107,6 +117,34 @@ def test_gguf_round_trip_and_transformers_reads_it(tmp_path):
     assert reference.config.sliding_window == config.sliding_window
     delta = np.abs(_our_logprobs(config, flat, tokens) - _hf_logprobs(reference, tokens)).max()
     assert delta < TOL
+
+
+def test_per_layer_types_round_trip_and_refuse_what_cannot_hold_them(tmp_path):
+    """layer_types survives HF config export/import, Orbax and our GGUF (a per-layer array); llama.cpp's Gemma 3 reads a
+    period only, so a GGUF export for it is refused in one line; a wrong list is refused naming the field."""
+    from gemstill.checkpoints.gguf_file import check_llama_cpp
+    from gemstill.checkpoints.hf import config_from_hf
+    from gemstill.errors import GemstillError
+
+    assert config_to_hf(TINY_TYPED)["layer_types"] == list(TINY_TYPED.types)
+    assert config_from_hf(config_to_hf(TINY_TYPED), "test") == TINY_TYPED
+    assert config_from_hf(config_to_hf(TINY), "test").layer_types is None  # the pattern stays the pattern
+    every_other = tuple(("sliding_attention", "full_attention")[i % 2] for i in range(7))  # L G L G L G L
+    assert TINY.replace(layer_types=every_other) == TINY.replace(sliding_window_pattern=2)  # a period is a period
+    flat = to_flat(build_model(TINY_TYPED))
+    loaded_config, _, _ = load_gguf(save_gguf(tmp_path / "typed.gguf", TINY_TYPED, flat))
+    assert loaded_config == TINY_TYPED
+    from gemstill.checkpoints.native import load_native, save_native
+
+    save_native(tmp_path / "native", TINY_TYPED, flat, b"tokenizer")
+    assert load_native(tmp_path / "native")[0] == TINY_TYPED
+    with pytest.raises(GemstillError, match=r"layer types GLGLLLG follow no fixed local/global period") as error:
+        check_llama_cpp(TINY_TYPED)
+    assert "\n" not in str(error.value)
+    with pytest.raises(GemstillError, match="layer_types has 3 entries but num_layers is 7"):
+        TINY.replace(layer_types=("full_attention",) * 3)
+    with pytest.raises(GemstillError, match=r"layer_types \['chunked'\] are not among"):
+        TINY.replace(layer_types=("chunked",) * 7)
 
 
 def _random_pair(tmp_path, seed: int) -> tuple[dict, torch.nn.Module]:

@@ -86,7 +86,7 @@ def config_from_gguf(reader: gguf.GGUFReader) -> Gemma3Config:
         vocab_size=vocab,
         query_pre_attn_scalar=_f32(field(reader, _QUERY_SCALAR_KEY, default_scalar)),
         local_rope_base=_f32(arch("rope.freq_base_swa", field(reader, _LOCAL_ROPE_KEY, 10_000.0))),
-        sliding_window_pattern=_pattern(arch("attention.sliding_window_pattern", 6)),
+        **_pattern(arch("attention.sliding_window_pattern", 6)),
         global_rope_base=_f32(arch("rope.freq_base", 1_000_000.0)),
         global_rope_scale=_f32(arch("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
         rms_norm_eps=_f32(arch("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -95,18 +95,12 @@ def config_from_gguf(reader: gguf.GGUFReader) -> Gemma3Config:
     )
 
 
-def _pattern(value: Any) -> int:
-    """llama.cpp's sliding_window_pattern: a period (layer i is global iff (i + 1) % period == 0), or per layer."""
+def _pattern(value: Any) -> dict[str, Any]:
+    """llama.cpp's sliding_window_pattern, a period (layer i is global iff (i + 1) % period == 0) or a per-layer
+    list of "uses the window" flags, as our config's fields."""
     if isinstance(value, int):
-        return value
-    flags = list(value)
-    for period in range(1, len(flags) + 1):
-        if flags == [(i + 1) % period != 0 for i in range(len(flags))]:
-            return period
-    raise GemstillError(
-        "GGUF: attention.sliding_window_pattern lists local/global layers with no fixed period; gemstill supports "
-        "a period only"
-    )
+        return {"sliding_window_pattern": value}
+    return {"layer_types": tuple("sliding_attention" if flag else "full_attention" for flag in value)}
 
 
 def check_llama_cpp(config: Gemma3Config) -> None:
@@ -119,6 +113,12 @@ def check_llama_cpp(config: Gemma3Config) -> None:
         )
     if config.attn_logit_softcap is not None:
         raise GemstillError("llama.cpp's Gemma 3 has no attention soft cap; export hf or orbax instead of gguf")
+    if config.layer_types is not None:
+        raise GemstillError(
+            f"layer types {''.join('G' if t == 'full_attention' else 'L' for t in config.types)} follow no fixed "
+            "local/global period, and llama.cpp's Gemma 3 reads a period only; export hf or orbax instead of gguf "
+            "(or set student.layer_types: pattern)"
+        )
 
 
 def _tensor_rows(reader: gguf.GGUFReader, name: str) -> int:
@@ -231,7 +231,12 @@ def save_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.global_rope_base)
     writer.add_sliding_window(config.sliding_window)
-    writer.add_uint32(f"{ARCH}.attention.sliding_window_pattern", config.sliding_window_pattern)
+    if config.layer_types is None:
+        writer.add_uint32(f"{ARCH}.attention.sliding_window_pattern", config.sliding_window_pattern)
+    else:  # per layer, as llama.cpp's newer architectures write it: does layer i use the window
+        writer.add_array(
+            f"{ARCH}.attention.sliding_window_pattern", [not config.is_global(i) for i in range(len(config.types))]
+        )
     writer.add_float32(f"{ARCH}.rope.freq_base_swa", float(config.local_rope_base))
     if config.final_logit_softcap is not None:
         writer.add_float32(f"{ARCH}.final_logit_softcapping", float(config.final_logit_softcap))

@@ -59,14 +59,8 @@ def config_from_hf(raw: dict[str, Any], source: str) -> Gemma3Config:
         attn_logit_softcap=raw.get("attn_logit_softcapping"),
         final_logit_softcap=raw.get("final_logit_softcapping"),
     )
-    layer_types = raw.get("layer_types")
-    if layer_types is not None:
-        ours = ["full_attention" if w is None else "sliding_attention" for w in config.layer_windows]
-        if list(layer_types) != ours:
-            raise GemstillError(
-                f"{source}: layer_types do not follow the {config.sliding_window_pattern}:1 local/global pattern; "
-                "gemstill supports the Gemma 3 pattern only"
-            )
+    if raw.get("layer_types") is not None:  # per-layer types win over the pattern, as in transformers
+        config = config.replace(layer_types=tuple(raw["layer_types"]))
     return config
 
 
@@ -87,7 +81,7 @@ def config_to_hf(config: Gemma3Config) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "sliding_window": config.sliding_window,
         "_sliding_window_pattern": config.sliding_window_pattern,
-        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in config.layer_windows],
+        "layer_types": list(config.types),
         "query_pre_attn_scalar": _int_if_whole(config.query_pre_attn_scalar),
         "rope_parameters": {
             "full_attention": global_rope,

@@ -44,6 +44,9 @@ class StudentConfig(BaseModel):
     architecture: dict[str, Any] = {}  # Gemma3Config fields; vocab_size defaults to the teacher's
     init: Literal["teacher", "random"] = "teacher"  # teacher: copy mapped teacher blocks, embeddings, norms
     projection: Literal["none", "truncate"] = "none"  # how teacher blocks wider than the student's are copied
+    # pattern: the student's own local/global pattern; teacher: each copied block keeps its teacher block's type
+    # (and so its window and RoPE base), the rest follow the pattern
+    layer_types: Literal["pattern", "teacher"] = "pattern"
     seed: int = 0
 
     def gemma_config(self, teacher: Gemma3Config) -> Gemma3Config:
@@ -52,6 +55,8 @@ class StudentConfig(BaseModel):
 
         base = variant(self.variant) if self.variant else teacher
         fields = {**base.to_dict(), "vocab_size": teacher.vocab_size, **self.architecture}
+        if fields["num_layers"] != base.num_layers and "layer_types" not in self.architecture:
+            fields["layer_types"] = None  # the base's per-layer list does not fit another depth
         try:
             return Gemma3Config.from_dict(fields)
         except TypeError as err:

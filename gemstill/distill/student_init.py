@@ -81,6 +81,17 @@ def _window_notes(student: Gemma3Config, teacher: Gemma3Config, pairs: Sequence[
     return notes
 
 
+def with_teacher_types(
+    student: Gemma3Config, teacher: Gemma3Config, mapping_pairs: Sequence[tuple[int, int]]
+) -> Gemma3Config:
+    """The student config whose block s has the type of the teacher block t it copies (window and RoPE base
+    follow the type); student blocks without a teacher keep their pattern's type."""
+    types = list(student.types)
+    for s, t in mapping_pairs:
+        types[s] = teacher.types[t]
+    return student.replace(layer_types=tuple(types))
+
+
 def init_student_from_teacher(
     student_config: Gemma3Config,
     teacher_config: Gemma3Config,

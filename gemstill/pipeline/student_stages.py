@@ -28,6 +28,10 @@ def validate_student(profile: Profile) -> None:
     validate_mapping(profile.layer_map, student.num_layers, teacher.num_layers)
     if profile.student.init == "teacher":
         check_widths(student, teacher, profile.student.projection)
+    elif profile.student.layer_types == "teacher":
+        raise GemstillError(
+            "student.layer_types: teacher copies types of teacher blocks; it needs student.init: teacher"
+        )
 
 
 def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _student_run(ctx: StageContext, baseline: bool):
     """The training Run of the distilled student or of the cross-entropy baseline (same init, data, steps)."""
     from gemstill.distill.config import DistillConfig
     from gemstill.distill.layer_map import LayerMap
-    from gemstill.distill.student_init import init_student_from_teacher
+    from gemstill.distill.student_init import init_student_from_teacher, with_teacher_types
     from gemstill.distill.train import Run, Teacher
     from gemstill.model import build_model
     from gemstill.params import to_flat
@@ -65,6 +69,9 @@ def _student_run(ctx: StageContext, baseline: bool):
     layer_map = LayerMap.from_json(path.read_text(), source=str(path))
     pairs = tuple((int(s), int(t)) for s, t in layer_map.pairs)
     if profile.student.init == "teacher":
+        if profile.student.layer_types == "teacher":
+            student = with_teacher_types(student, teacher.config, pairs)
+            ctx.log(f"student init: layer types {student.types} from the teacher blocks copied")
         init = init_student_from_teacher(
             student, teacher.config, teacher_flat, pairs, profile.student.seed, profile.student.projection
         )
