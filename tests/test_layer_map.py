@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from gemstill.config import Gemma3Config
-from gemstill.distill.cka import cka_matrix, linear_cka
+from gemstill.distill.angular import angular_distances, kept_blocks, least_changing_run
+from gemstill.distill.cka import cka_matrix, linear_cka, teacher_cka
 from gemstill.distill.layer_map import (
     LayerMap,
     LayerMapConfig,
     choose_layers,
     make_layer_map,
-    teacher_cka,
     validate_mapping,
 )
 from gemstill.distill.student_init import init_student_from_teacher, with_teacher_types
@@ -287,3 +287,55 @@ def test_truncate_projection_copies_leading_slices() -> None:
     np.testing.assert_array_equal(
         init.params["layers.1.attn.q_norm.scale"], teacher_flat["layers.4.attn.q_norm.scale"][:4]
     )
+
+
+def _kahan_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angle between rows of a and b by Kahan's formula 2 atan2(|u - v|, |u + v|) on unit vectors: another
+    route than arccos of the cosine."""
+    u = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    v = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return 2 * np.arctan2(np.linalg.norm(u - v, axis=-1), np.linalg.norm(u + v, axis=-1))
+
+
+def test_angular_distances_and_the_run_they_drop() -> None:
+    rng = np.random.default_rng(0)
+    states = [rng.normal(size=(50, 16)) for _ in range(5)]
+    distances = angular_distances(states)
+    for i in range(5):
+        for j in range(5):
+            expected = 0.0 if i == j else float(np.mean(_kahan_angle(states[i], states[j])) / np.pi)
+            assert abs(distances[i, j] - expected) < 1e-9
+    # hidden states 1 -> 3 barely move (blocks 1 and 2 do little): a 2-block run drops them
+    hand = np.full((6, 6), 0.5)
+    np.fill_diagonal(hand, 0.0)
+    hand[1, 3] = hand[3, 1] = 0.1
+    assert least_changing_run(hand, 2) == 1
+    assert kept_blocks(hand, 3) == [0, 3, 4]
+    assert kept_blocks(hand, 5) == [0, 1, 2, 3, 4]  # nothing to drop
+
+
+def test_angular_layer_map_keeps_all_but_the_least_changing_run(teacher, sample, tmp_path) -> None:
+    """Student of 4 from the 6-block teacher: the distances come from the teacher's own hidden states on the
+    real tokens (checked with Kahan's angle), the 2-block run whose ends are closest is dropped."""
+    result = make_layer_map(LayerMapConfig(strategy="angular"), 4, 6, teacher_model=teacher, sample=sample)
+    out = teacher(
+        jnp.asarray(sample["tokens"]),
+        jnp.asarray(sample["positions"]),
+        mask=jnp.asarray(sample["segment_ids"] > 0),
+        segment_ids=jnp.asarray(sample["segment_ids"]),
+        return_logits=False,
+        return_hidden=True,
+    )
+    real = sample["segment_ids"] > 0
+    states = [np.asarray(h, np.float64)[real] for h in out.hidden_states]
+    runs = [float(np.mean(_kahan_angle(states[first], states[first + 2]))) for first in range(5)]
+    start = int(np.argmin(runs))
+    assert result.pairs == [(s, t) for s, t in enumerate(b for b in range(6) if b not in (start, start + 1))]
+    np.testing.assert_allclose(np.asarray(result.angular_distance)[start, start + 2], runs[start] / np.pi, atol=1e-5)
+    assert LayerMap.from_json(result.to_json()) == result
+    result.save(tmp_path)
+    assert matplotlib.image.imread(tmp_path / "layer_map.png").shape[0] > 200
+    every = make_layer_map(LayerMapConfig(strategy="angular"), 6, 6, teacher_model=teacher, sample=sample)
+    assert every.pairs == [(i, i) for i in range(6)]
+    with pytest.raises(GemstillError, match="strategy 'angular' needs a student no deeper than the teacher"):
+        make_layer_map(LayerMapConfig(strategy="angular"), 7, 6, teacher_model=teacher, sample=sample)

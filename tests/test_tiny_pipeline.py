@@ -114,6 +114,13 @@ def test_distilled_student_beats_the_baseline(full_run):
         assert (evaluate / name).stat().st_size > 0
     assert (stage_dir(store, "layer_map") / "layer_map.png").stat().st_size > 0
     assert (stage_dir(store, "train_student") / "loss_curve.png").stat().st_size > 0
+    # layer_map.compare_init: every strategy's 2-block student scored at init on the same validation sequences
+    layer_map = json.loads((stage_dir(store, "layer_map") / "manifest.json").read_text())["metrics"]
+    candidates = {name: layer_map[f"init_nll_{name}"] for name in ("uniform", "last", "adaptive", "angular")}
+    assert layer_map["student_init_nll"] == candidates["uniform"]  # the profile's strategy
+    assert all(layer_map["teacher_nll"] < nll for nll in candidates.values()), layer_map
+    init = json.loads((stage_dir(store, "layer_map") / "init_nll.json").read_text())
+    assert init["angular"]["init_nll"] == candidates["angular"] and len(init["angular"]["pairs"]) == 2
 
 
 def test_cache_stats(full_run):

@@ -67,14 +67,14 @@ def cka_matrix(features: Sequence[np.ndarray]) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _block_outputs(
+def _hidden_states(
     graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
 ) -> tuple[jax.Array, ...]:
     model = nnx.merge(graphdef, state)
     out = model(
         tokens, positions, mask=segment_ids > 0, segment_ids=segment_ids, return_logits=False, return_hidden=True
     )
-    return out.hidden_states[1:]
+    return out.hidden_states
 
 
 def _checked(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -84,10 +84,11 @@ def _checked(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.asarray(batch[name], np.int32) for name in ("tokens", "positions", "segment_ids")}
 
 
-def teacher_cka(
+def sampled_hidden_states(
     model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], max_tokens: int = DEFAULT_MAX_TOKENS
-) -> np.ndarray:
-    """Linear CKA [T, T] between the teacher's block outputs on the real (segment_ids > 0) tokens of `batches`.
+) -> list[np.ndarray]:
+    """The model's hidden states [T + 1] (the embedding, then every block's output) on the real
+    (segment_ids > 0) tokens of `batches`, each [N, D] in float32.
 
     When the batches hold more than `max_tokens` real tokens, a fixed-seed random subset of that size is used,
     so the result depends on the data only, not on how it was batched.
@@ -96,13 +97,15 @@ def teacher_cka(
     real = [b["segment_ids"].reshape(-1) > 0 for b in batches]
     total = int(sum(r.sum() for r in real))
     if total < 2:
-        raise GemstillError(f"CKA needs at least 2 real tokens, the sample has {total}; give more sample sequences")
+        raise GemstillError(
+            f"layer statistics need at least 2 real tokens, the sample has {total}; give more sample sequences"
+        )
     keep = np.ones(total, bool)
     if total > max_tokens:
         keep[:] = False
         keep[np.random.default_rng(_SAMPLE_SEED).choice(total, max_tokens, replace=False)] = True
     graphdef, state = nnx.split(model)
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers)]
+    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers + 1)]
     start = 0
     for batch, mask in zip(batches, real, strict=True):
         flat = np.flatnonzero(mask)
@@ -110,11 +113,19 @@ def teacher_cka(
         start += flat.size
         if chosen.size == 0:
             continue
-        outputs = _block_outputs(graphdef, state, batch["tokens"], batch["positions"], batch["segment_ids"])
-        for layer, hidden in enumerate(outputs):
+        states = _hidden_states(graphdef, state, batch["tokens"], batch["positions"], batch["segment_ids"])
+        for layer, hidden in enumerate(states):
             tokens = hidden.reshape(-1, hidden.shape[-1])[jnp.asarray(chosen)]
             per_layer[layer].append(np.asarray(tokens.astype(jnp.float32)))
-    return cka_matrix([np.concatenate(chunks) for chunks in per_layer])
+    return [np.concatenate(chunks) for chunks in per_layer]
+
+
+def teacher_cka(
+    model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], max_tokens: int = DEFAULT_MAX_TOKENS
+) -> np.ndarray:
+    """Linear CKA [T, T] between the teacher's block outputs on the real tokens of `batches` (a fixed-seed
+    subset of `max_tokens` of them when there are more)."""
+    return cka_matrix(sampled_hidden_states(model, batches, max_tokens)[1:])
 
 
 def choose_layers(similarity: np.ndarray, count: int) -> list[int]:

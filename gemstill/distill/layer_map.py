@@ -1,4 +1,5 @@
-"""Which student layer learns from which teacher layer: uniform, last, explicit or adaptive (CKA) mappings.
+"""Which student layer learns from which teacher layer: uniform, last, explicit, adaptive (CKA) or angular
+(the teacher blocks kept are all but the run that changes the residual stream least, gemstill.distill.angular).
 
 A mapping is a list of (student layer, teacher layer) pairs sorted by student layer with the teacher layer
 non-decreasing (monotone in depth). Layer i means the output of block i (hidden_states[i + 1]).
@@ -20,23 +21,25 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from gemstill.distill.cka import DEFAULT_MAX_TOKENS, choose_layers, teacher_cka
+from gemstill.distill.angular import angular_distances, kept_blocks
+from gemstill.distill.cka import DEFAULT_MAX_TOKENS, choose_layers, cka_matrix, sampled_hidden_states
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import Gemma3
 
 __all__ = [
+    "MEASURED",
     "LayerMap",
     "LayerMapConfig",
     "check_pairs",
     "choose_layers",
     "make_layer_map",
     "spread_layers",
-    "teacher_cka",
     "validate_mapping",
 ]
 
-Strategy = Literal["uniform", "last", "explicit", "adaptive"]
+Strategy = Literal["uniform", "last", "explicit", "adaptive", "angular"]
+MEASURED: tuple[str, ...] = ("adaptive", "angular")  # strategies that run the teacher on a data sample
 _CKA_BATCH_ROWS = 4  # sequences per teacher forward: bounds the memory of all block outputs at once
 
 
@@ -48,8 +51,10 @@ class LayerMapConfig(BaseModel):
     strategy: Strategy = "uniform"
     pairs: list[tuple[int, int]] | None = None  # explicit (student layer, teacher layer) pairs
     num_pairs: int | None = None  # how many student layers get a teacher layer; None: every student layer
-    sample_sequences: int = 16  # adaptive: sequences of the sample the CKA is computed on
-    max_tokens: int = DEFAULT_MAX_TOKENS  # adaptive: at most this many real tokens (fixed-seed subset) enter CKA
+    sample_sequences: int = 16  # adaptive/angular: sequences of the sample the statistics are computed on
+    max_tokens: int = DEFAULT_MAX_TOKENS  # adaptive/angular: at most this many real tokens (fixed-seed subset)
+    # score every strategy's student at init on sample_sequences validation sequences (loads the teacher)
+    compare_init: bool = False
 
 
 def _round_div(num: int, den: int) -> int:
@@ -133,14 +138,14 @@ def validate_mapping(config: LayerMapConfig, student_layers: int, teacher_layers
             raise GemstillError(
                 f"layer map: num_pairs={config.num_pairs} but {len(config.pairs)} explicit pairs; drop num_pairs"
             )
-    if config.strategy == "adaptive" and (config.sample_sequences < 1 or config.max_tokens < 2):
+    if config.strategy in MEASURED and (config.sample_sequences < 1 or config.max_tokens < 2):
         raise GemstillError(
-            f"layer map: adaptive needs sample_sequences >= 1 and max_tokens >= 2, got {config.sample_sequences} and "
-            f"{config.max_tokens}"
+            f"layer map: {config.strategy} needs sample_sequences >= 1 and max_tokens >= 2, got "
+            f"{config.sample_sequences} and {config.max_tokens}"
         )
-    if config.strategy == "last" and student_layers > teacher_layers:
+    if config.strategy in ("last", "angular") and student_layers > teacher_layers:
         raise GemstillError(
-            f"layer map: strategy 'last' needs a student no deeper than the teacher ({student_layers} > "
+            f"layer map: strategy '{config.strategy}' needs a student no deeper than the teacher ({student_layers} > "
             f"{teacher_layers} layers); use strategy uniform"
         )
     count = _pair_count(config, student_layers)
@@ -163,6 +168,7 @@ class LayerMap(BaseModel):
     student_layers: int
     teacher_layers: int
     similarity: list[list[float]] | None = None
+    angular_distance: list[list[float]] | None = None  # angular: [T + 1, T + 1] between hidden states
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)
@@ -203,16 +209,19 @@ def _plot(layer_map: LayerMap) -> bytes:
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    if layer_map.similarity is not None:
-        sim = np.asarray(layer_map.similarity)
+    if layer_map.similarity is not None or layer_map.angular_distance is not None:
+        cka = layer_map.similarity is not None
+        sim = np.asarray(layer_map.similarity if cka else layer_map.angular_distance)
         size = max(4.5, 0.22 * sim.shape[0] + 3)
         figure, axes = plt.subplots(figsize=(size + 1, size), dpi=110)
-        image = axes.imshow(sim, cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1.0)
-        figure.colorbar(image, ax=axes, label="linear CKA")
+        image = axes.imshow(sim, cmap="viridis", vmin=min(0.0, float(sim.min())), vmax=1.0 if cka else None)
+        figure.colorbar(image, ax=axes, label="linear CKA" if cka else "angular distance / pi")
+        offset = 0 if cka else 1  # the distance matrix starts at the embedding's output (hidden state 0)
         for teacher in sorted({t for _, t in layer_map.pairs}):
-            axes.add_patch(Rectangle((teacher - 0.5, teacher - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        axes.set_xlabel("teacher layer")
-        axes.set_ylabel("teacher layer")
+            corner = (teacher + offset - 0.5, teacher + offset - 0.5)
+            axes.add_patch(Rectangle(corner, 1, 1, fill=False, edgecolor="red", linewidth=2))
+        axes.set_xlabel("teacher layer" if cka else "hidden state (0: embedding, i: after block i - 1)")
+        axes.set_ylabel("teacher layer" if cka else "hidden state")
         axes.set_title(_title(layer_map, 70), fontsize=9)
     else:
         height = max(3.0, 0.25 * max(layer_map.student_layers, layer_map.teacher_layers) + 1.5)
@@ -249,9 +258,10 @@ def make_layer_map(
     teacher_model: Gemma3 | None = None,
     sample: Mapping[str, np.ndarray] | None = None,
 ) -> LayerMap:
-    """The mapping `config` asks for; adaptive needs the teacher model and a sample (tokens/positions/segment_ids)."""
+    """The mapping `config` asks for; adaptive and angular need the teacher model and a sample
+    (tokens/positions/segment_ids)."""
     validate_mapping(config, student_layers, teacher_layers)
-    similarity = None
+    similarity = distances = None
     if config.strategy == "explicit":
         pairs = sorted(config.pairs or [])
     else:
@@ -262,14 +272,25 @@ def make_layer_map(
             pairs = [(s, teacher_layers - student_layers + s) for s in students]
         else:
             if teacher_model is None or sample is None:
-                raise GemstillError("layer map: strategy 'adaptive' needs the teacher model and a data sample")
+                raise GemstillError(
+                    f"layer map: strategy '{config.strategy}' needs the teacher model and a data sample"
+                )
             if teacher_model.config.num_layers != teacher_layers:
                 raise GemstillError(
                     f"layer map: the teacher model has {teacher_model.config.num_layers} layers, not {teacher_layers}"
                 )
-            sim = teacher_cka(teacher_model, _sample_batches(sample, config.sample_sequences), config.max_tokens)
-            pairs = list(zip(students, choose_layers(sim, len(students)), strict=True))
-            similarity = sim.tolist()
+            states = sampled_hidden_states(
+                teacher_model, _sample_batches(sample, config.sample_sequences), config.max_tokens
+            )
+            if config.strategy == "adaptive":
+                sim = cka_matrix(states[1:])
+                pairs = list(zip(students, choose_layers(sim, len(students)), strict=True))
+                similarity = sim.tolist()
+            else:
+                distance = angular_distances(states)
+                kept = kept_blocks(distance, student_layers)
+                pairs = [(s, kept[s]) for s in students]
+                distances = distance.tolist()
     check_pairs(pairs, student_layers, teacher_layers)
     return LayerMap(
         strategy=config.strategy,
@@ -277,4 +298,5 @@ def make_layer_map(
         student_layers=student_layers,
         teacher_layers=teacher_layers,
         similarity=similarity,
+        angular_distance=distances,
     )

@@ -28,6 +28,10 @@ def validate_student(profile: Profile) -> None:
     validate_mapping(profile.layer_map, student.num_layers, teacher.num_layers)
     if profile.student.init == "teacher":
         check_widths(student, teacher, profile.student.projection)
+    elif profile.layer_map.compare_init:
+        raise GemstillError(
+            "layer_map.compare_init scores students copied from the teacher; it needs student.init: teacher"
+        )
     elif profile.student.layer_types == "teacher":
         raise GemstillError(
             "student.layer_types: teacher copies types of teacher blocks; it needs student.init: teacher"
@@ -36,10 +40,12 @@ def validate_student(profile: Profile) -> None:
 
 def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
-    from gemstill.distill.layer_map import make_layer_map
+    from gemstill.distill.layer_map import MEASURED, make_layer_map
 
     settings = ctx.profile.layer_map
-    if settings.strategy == "adaptive":
+    student_settings = ctx.profile.student
+    compare = settings.compare_init and student_settings.init == "teacher"
+    if settings.strategy in MEASURED or compare:
         teacher = load_teacher(ctx)
         config, model = teacher.config, teacher.model
         sample = read_split(ctx.input("prepare_data"), "train")
@@ -49,7 +55,34 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     layer_map = make_layer_map(settings, student.num_layers, config.num_layers, model, sample)
     layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
-    return {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
+    metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
+    if compare:
+        from gemstill.distill.init_nll import candidate_maps, init_nll
+        from gemstill.fsutil import atomic_write_bytes
+        from gemstill.params import to_flat
+
+        maps = candidate_maps(settings, student.num_layers, model, sample, layer_map)
+        nll = init_nll(
+            student,
+            config,
+            to_flat(model),
+            maps,
+            ctx.input("prepare_data"),
+            settings.sample_sequences,
+            student_settings.seed,
+            student_settings.projection,
+            teacher_types=student_settings.layer_types == "teacher",
+            progress=ctx.log,
+        )
+        table = {name: {"pairs": maps[name].pairs, "init_nll": nll[name]} for name in maps}
+        atomic_write_bytes(ctx.workdir / "init_nll.json", json.dumps({"teacher": nll["teacher"], **table}).encode())
+        for name in maps:
+            ctx.log(
+                f"layer_map: {name} student's validation NLL at init {nll[name]:.3f} (teacher {nll['teacher']:.3f})"
+            )
+        metrics |= {f"init_nll_{name}": nll[name] for name in maps}
+        metrics |= {"teacher_nll": nll["teacher"], "student_init_nll": nll[settings.strategy]}
+    return metrics
 
 
 def _student_run(ctx: StageContext, baseline: bool):
