@@ -179,8 +179,8 @@ def sample() -> dict[str, np.ndarray]:
     return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}
 
 
-def test_teacher_cka_on_real_tokens(teacher, sample) -> None:
-    sim = teacher_cka(teacher, [sample], max_tokens=1000)
+def _real_hidden_states(teacher, sample) -> list[np.ndarray]:
+    """The teacher's hidden states (embedding, then each block) on the sample's real tokens, in one plain call."""
     out = teacher(
         jnp.asarray(sample["tokens"]),
         jnp.asarray(sample["positions"]),
@@ -190,7 +190,12 @@ def test_teacher_cka_on_real_tokens(teacher, sample) -> None:
         return_hidden=True,
     )
     real = sample["segment_ids"] > 0
-    expected = cka_matrix([np.asarray(h)[real] for h in out.hidden_states[1:]])
+    return [np.asarray(h)[real] for h in out.hidden_states]
+
+
+def test_teacher_cka_on_real_tokens(teacher, sample) -> None:
+    sim = teacher_cka(teacher, [sample], max_tokens=1000)
+    expected = cka_matrix(_real_hidden_states(teacher, sample)[1:])
     assert sim.shape == (TEACHER.num_layers, TEACHER.num_layers)
     np.testing.assert_allclose(sim, expected, atol=1e-5)
     # with a token cap, the subset depends on the data only, not on the batching
@@ -318,16 +323,7 @@ def test_angular_layer_map_keeps_all_but_the_least_changing_run(teacher, sample,
     """Student of 4 from the 6-block teacher: the distances come from the teacher's own hidden states on the
     real tokens (checked with Kahan's angle), the 2-block run whose ends are closest is dropped."""
     result = make_layer_map(LayerMapConfig(strategy="angular"), 4, 6, teacher_model=teacher, sample=sample)
-    out = teacher(
-        jnp.asarray(sample["tokens"]),
-        jnp.asarray(sample["positions"]),
-        mask=jnp.asarray(sample["segment_ids"] > 0),
-        segment_ids=jnp.asarray(sample["segment_ids"]),
-        return_logits=False,
-        return_hidden=True,
-    )
-    real = sample["segment_ids"] > 0
-    states = [np.asarray(h, np.float64)[real] for h in out.hidden_states]
+    states = [h.astype(np.float64) for h in _real_hidden_states(teacher, sample)]
     runs = [float(np.mean(_kahan_angle(states[first], states[first + 2]))) for first in range(5)]
     start = int(np.argmin(runs))
     assert result.pairs == [(s, t) for s, t in enumerate(b for b in range(6) if b not in (start, start + 1))]

@@ -191,6 +191,8 @@ def test_shipped_profiles_validate_with_memory_estimates():
 def test_student_layer_types_from_the_teacher_need_a_teacher_init():
     with pytest.raises(GemstillError, match=r"student\.layer_types: teacher .* needs student\.init: teacher"):
         make_plan("tiny", overrides={"student.init": "random", "student.layer_types": "teacher"})
+    with pytest.raises(GemstillError, match=r"layer_map\.compare_init .* needs student\.init: teacher"):
+        make_plan("tiny", overrides={"student.init": "random"})  # the tiny profile compares inits
     plan = make_plan("tiny", overrides={"student.layer_types": "teacher"})  # a setting of the student: in its key
     assert plan.stages["train_student"].key != make_plan("tiny").stages["train_student"].key
 

@@ -28,13 +28,14 @@ def validate_student(profile: Profile) -> None:
     validate_mapping(profile.layer_map, student.num_layers, teacher.num_layers)
     if profile.student.init == "teacher":
         check_widths(student, teacher, profile.student.projection)
-    elif profile.layer_map.compare_init:
-        raise GemstillError(
-            "layer_map.compare_init scores students copied from the teacher; it needs student.init: teacher"
-        )
     elif profile.student.layer_types == "teacher":
         raise GemstillError(
             "student.layer_types: teacher copies types of teacher blocks; it needs student.init: teacher"
+        )
+    elif profile.layer_map.compare_init:
+        raise GemstillError(
+            "layer_map.compare_init scores students copied from the teacher; it needs student.init: teacher"
+            " (or set layer_map.compare_init: false)"
         )
 
 
