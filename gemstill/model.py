@@ -197,10 +197,13 @@ class MLP(nnx.Module):
         self.up = nnx.Param(_lecun(d)(rngs.params(), (d, f), pd))
         self.down = nnx.Param(_lecun(f)(rngs.params(), (f, d), pd))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def activations(self, x: jax.Array) -> jax.Array:
+        """The hidden units' values gelu_tanh(gate(x)) * up(x), [..., hidden_dim]: what down() mixes."""
         dtype = x.dtype
-        gate = jax.nn.gelu(x @ weight(self.gate, dtype), approximate=True)
-        return (gate * (x @ weight(self.up, dtype))) @ weight(self.down, dtype)
+        return jax.nn.gelu(x @ weight(self.gate, dtype), approximate=True) * (x @ weight(self.up, dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.activations(x) @ weight(self.down, x.dtype)
 
 
 class Block(nnx.Module):
@@ -215,13 +218,23 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.post_ffw_norm = RMSNorm(dim, eps=eps, param_dtype=pd)
 
-    def __call__(
-        self, x, positions, key_positions, cache, cache_start, return_probs, segments=None, attention_impl=None
-    ):
+    def attend(self, x, positions, key_positions, cache, cache_start, return_probs, segments=None, attention_impl=None):
+        """The residual stream after the attention half of the block (the feed-forward half's input)."""
         attn_out, new_cache, probs = self.attn(
             self.pre_attn_norm(x), positions, key_positions, cache, cache_start, return_probs, segments, attention_impl
         )
-        x = x + self.post_attn_norm(attn_out)
+        return x + self.post_attn_norm(attn_out), new_cache, probs
+
+    def feed_forward_units(self, x: jax.Array) -> jax.Array:
+        """The MLP's hidden-unit values for the residual stream `x` after attention (see MLP.activations)."""
+        return self.mlp.activations(self.pre_ffw_norm(x))
+
+    def __call__(
+        self, x, positions, key_positions, cache, cache_start, return_probs, segments=None, attention_impl=None
+    ):
+        x, new_cache, probs = self.attend(
+            x, positions, key_positions, cache, cache_start, return_probs, segments, attention_impl
+        )
         x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
         return x, new_cache, probs
 

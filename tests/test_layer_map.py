@@ -335,3 +335,17 @@ def test_angular_layer_map_keeps_all_but_the_least_changing_run(teacher, sample,
     assert every.pairs == [(i, i) for i in range(6)]
     with pytest.raises(GemstillError, match="strategy 'angular' needs a student no deeper than the teacher"):
         make_layer_map(LayerMapConfig(strategy="angular"), 7, 6, teacher_model=teacher, sample=sample)
+
+
+def test_candidates_of_a_student_as_deep_as_its_teacher_are_the_identity_map(teacher, sample) -> None:
+    """With every block kept, each strategy pairs block s with teacher block s: candidate_maps takes that
+    without running the teacher, and it is what each strategy computes."""
+    from gemstill.distill.init_nll import CANDIDATES, candidate_maps
+
+    settings = LayerMapConfig(strategy="uniform", sample_sequences=4)
+    chosen = make_layer_map(settings, 6, 6)
+    maps = candidate_maps(settings, 6, teacher, sample, chosen)
+    assert list(maps) == list(CANDIDATES)
+    for strategy in CANDIDATES:
+        computed = make_layer_map(settings.model_copy(update={"strategy": strategy}), 6, 6, teacher, sample)
+        assert maps[strategy].pairs == computed.pairs == [(i, i) for i in range(6)], strategy

@@ -99,7 +99,9 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
     stage_flow = ["flows/stage.py:one_stage", "--name", "gemstill-eval", "--pool", "gemstill-eval"]
     prefect(env, "--no-prompt", "deploy", *stage_flow)
     store = seed_store(tiny_teacher, tmp_path / "store")  # the run finds data and teacher done
-    params = ["--param", f"store={store}", "--param", "pipeline=tiny-pools"]
+    # held-out scoring cut to a few sequences and greedy CoT on two problems: the run, not its scores, is tested
+    quick = {"evaluate.max_sequences": 32, "reasoning.limit": 2, "reasoning.methods": ["cot"]}
+    params = ["--params", json.dumps({"store": str(store), "pipeline": "tiny-pools", "overrides": quick})]
     # no --limit: Prefect 3.8.8's worker crashes when a retried run comes back before it freed the run's slot
     worker = process_worker(env, tmp_path / "worker.log", limit=None)
     with worker, process_worker(env, tmp_path / "eval.log", "gemstill-eval", limit=None):

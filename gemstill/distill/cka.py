@@ -21,6 +21,7 @@ from gemstill.model import Gemma3
 
 DEFAULT_MAX_TOKENS = 2048  # tokens entering CKA: enough for a stable estimate, small enough for [N, N] Gram matrices
 _SAMPLE_SEED = 0
+_BATCH_ROWS = 4  # sequences per teacher forward: bounds the memory of all block outputs at once
 
 
 def _centered(x: np.ndarray) -> np.ndarray:
@@ -82,6 +83,16 @@ def _checked(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if missing:
         raise GemstillError(f"CKA sample batch lacks {missing}; pass rows of a prepared split (read_split)")
     return {name: np.asarray(batch[name], np.int32) for name in ("tokens", "positions", "segment_ids")}
+
+
+def sample_batches(sample: Mapping[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
+    """The first `rows` sequences of a prepared split (tokens/positions/segment_ids), in forward-sized batches."""
+    missing = [name for name in ("tokens", "positions", "segment_ids") if name not in sample]
+    if missing:
+        raise GemstillError(f"the calibration sample lacks {missing}; pass rows of a prepared split (read_split)")
+    arrays = {name: np.asarray(sample[name])[:rows] for name in ("tokens", "positions", "segment_ids")}
+    count = arrays["tokens"].shape[0]
+    return [{name: a[i : i + _BATCH_ROWS] for name, a in arrays.items()} for i in range(0, count, _BATCH_ROWS)]
 
 
 def sampled_hidden_states(

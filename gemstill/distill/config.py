@@ -43,7 +43,9 @@ class StudentConfig(BaseModel):
     variant: str | None = None  # e.g. gemma3-270m: the base the architecture fields override
     architecture: dict[str, Any] = {}  # Gemma3Config fields; vocab_size defaults to the teacher's
     init: Literal["teacher", "random"] = "teacher"  # teacher: copy mapped teacher blocks, embeddings, norms
-    projection: Literal["none", "truncate"] = "none"  # how teacher blocks wider than the student's are copied
+    # how teacher blocks wider than the student's are copied: importance keeps each block's FFN units measured to
+    # matter most on the layer_map sample (gemstill.distill.width); truncate keeps leading slices of every width
+    projection: Literal["none", "truncate", "importance"] = "none"
     # pattern: the student's own local/global pattern; teacher: each copied block keeps its teacher block's type
     # (and so its window and RoPE base), the rest follow the pattern
     layer_types: Literal["pattern", "teacher"] = "pattern"

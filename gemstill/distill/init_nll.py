@@ -6,6 +6,7 @@ sequences for every candidate, so the layer_map stage can show which choice of b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,14 @@ def candidate_maps(
     """The chosen map and every other strategy that fits these depths (same num_pairs and sample)."""
     maps = {chosen.strategy: chosen}
     teacher_layers = teacher_model.config.num_layers
+    every_block = student_layers == teacher_layers and settings.num_pairs in (None, student_layers)
     for strategy in CANDIDATES:
         if strategy in maps:
+            continue
+        if every_block and settings.strategy != "explicit":  # each strategy pairs block s with teacher block s
+            maps[strategy] = chosen.model_copy(
+                update={"strategy": strategy, "similarity": None, "angular_distance": None}
+            )
             continue
         candidate = settings.model_copy(update={"strategy": strategy, "pairs": None})
         try:
@@ -56,12 +63,21 @@ def init_nll(
     teacher_types: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """Validation NLL of the teacher and of each map's student at init, on the first `sequences` sequences."""
-    students = []
+    """Validation NLL of the teacher and of each map's student at init, on the first `sequences` sequences.
+
+    Maps that copy the same blocks (and FFN units) build the same student: it is scored once and the score shared
+    (a student as deep as its teacher gets one map from every strategy)."""
+    students, same_as = [], {}
+    built: dict[str, str] = {}
     for name, layer_map in maps.items():
+        identity = json.dumps([layer_map.pairs, layer_map.ffn_units], sort_keys=True)
+        if identity in built:
+            same_as[name] = built[identity]
+            continue
+        built[identity] = name
         pairs = [tuple(pair) for pair in layer_map.pairs]
         config = with_teacher_types(student, teacher, pairs) if teacher_types else student
-        init = init_student_from_teacher(config, teacher, teacher_flat, pairs, seed, projection)
+        init = init_student_from_teacher(config, teacher, teacher_flat, pairs, seed, projection, layer_map.ffn_units)
         students.append(Candidate(name=name, config=config, params=init.params))
     rows = evaluate_models(
         Candidate(name="teacher", config=teacher, params=teacher_flat),
@@ -70,4 +86,5 @@ def init_nll(
         max_sequences=sequences,
         progress=progress,
     )
-    return {row["model"]: row["val_nll"] for row in rows}
+    nll = {row["model"]: row["val_nll"] for row in rows}
+    return nll | {name: nll[source] for name, source in same_as.items()}

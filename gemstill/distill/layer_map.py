@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gemstill.distill.angular import angular_distances, kept_blocks
-from gemstill.distill.cka import DEFAULT_MAX_TOKENS, choose_layers, cka_matrix, sampled_hidden_states
+from gemstill.distill.cka import DEFAULT_MAX_TOKENS, choose_layers, cka_matrix, sample_batches, sampled_hidden_states
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import Gemma3
@@ -40,7 +40,6 @@ __all__ = [
 
 Strategy = Literal["uniform", "last", "explicit", "adaptive", "angular"]
 MEASURED: tuple[str, ...] = ("adaptive", "angular")  # strategies that run the teacher on a data sample
-_CKA_BATCH_ROWS = 4  # sequences per teacher forward: bounds the memory of all block outputs at once
 
 
 class LayerMapConfig(BaseModel):
@@ -169,6 +168,8 @@ class LayerMap(BaseModel):
     teacher_layers: int
     similarity: list[list[float]] | None = None
     angular_distance: list[list[float]] | None = None  # angular: [T + 1, T + 1] between hidden states
+    # student.projection importance: per copied teacher block, the FFN units (ascending) its narrower copy keeps
+    ffn_units: dict[int, list[int]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)
@@ -242,15 +243,6 @@ def _plot(layer_map: LayerMap) -> bytes:
     return buffer.getvalue()
 
 
-def _sample_batches(sample: Mapping[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
-    missing = [name for name in ("tokens", "positions", "segment_ids") if name not in sample]
-    if missing:
-        raise GemstillError(f"layer map: the adaptive sample lacks {missing}; pass rows of a prepared split")
-    arrays = {name: np.asarray(sample[name])[:rows] for name in ("tokens", "positions", "segment_ids")}
-    count = arrays["tokens"].shape[0]
-    return [{name: a[i : i + _CKA_BATCH_ROWS] for name, a in arrays.items()} for i in range(0, count, _CKA_BATCH_ROWS)]
-
-
 def make_layer_map(
     config: LayerMapConfig,
     student_layers: int,
@@ -280,7 +272,7 @@ def make_layer_map(
                     f"layer map: the teacher model has {teacher_model.config.num_layers} layers, not {teacher_layers}"
                 )
             states = sampled_hidden_states(
-                teacher_model, _sample_batches(sample, config.sample_sequences), config.max_tokens
+                teacher_model, sample_batches(sample, config.sample_sequences), config.max_tokens
             )
             if config.strategy == "adaptive":
                 sim = cka_matrix(states[1:])

@@ -6,6 +6,8 @@ function instead of from noise. Blocks not in the mapping keep their random init
 Widths must match, unless projection="truncate": then each copied tensor keeps its leading slice along every
 axis (the first embed_dim dims, hidden units, heads, kv heads and head dims). That is a simple, explicit
 projection, not a learned one; with grouped-query attention it also regroups query heads onto kv heads.
+With projection="importance" a narrower hidden_dim keeps, per copied block, the FFN units measured to matter
+most (gemstill.distill.width); every other width must equal the teacher's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from gemstill.errors import GemstillError
 from gemstill.model import build_model
 from gemstill.params import LAYER_PARAMS, check_flat, to_flat
 
-Projection = Literal["none", "truncate"]
+Projection = Literal["none", "truncate", "importance"]
 _WIDTHS = ("embed_dim", "hidden_dim", "num_heads", "num_kv_heads", "head_dim")
 
 
@@ -53,16 +55,54 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
         for n in _WIDTHS
         if getattr(student, n) < getattr(teacher, n)
     ]
-    if narrower and projection != "truncate":
+    if narrower and projection == "none":
         raise GemstillError(
             f"student layers narrower than the teacher's ({', '.join(narrower)}); set student.init: random or "
-            "configure student.projection: truncate"
+            "configure student.projection: importance (FFN units) or truncate"
+        )
+    other = [item for item in narrower if not item.startswith("hidden_dim ")]
+    if other and projection == "importance":
+        raise GemstillError(
+            f"student.projection: importance prunes FFN units only, but the student is also narrower in "
+            f"{', '.join(other)}; keep those widths equal to the teacher's or use projection: truncate"
         )
 
 
 def _fit(value: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     """The leading slice of `value` with this shape (the whole array when shapes already match)."""
     return jnp.asarray(value[tuple(slice(0, n) for n in shape)], dtype=dtype)
+
+
+def _unit_indices(
+    student: Gemma3Config,
+    teacher: Gemma3Config,
+    pairs: Sequence[tuple[int, int]],
+    projection: Projection,
+    ffn_units: Mapping[int, Sequence[int]] | None,
+) -> dict[int, jax.Array]:
+    """Per copied teacher block, the FFN units its student copy keeps (empty unless projection="importance")."""
+    if projection != "importance":
+        if ffn_units:
+            raise GemstillError("student init: FFN units were chosen but student.projection is not importance")
+        return {}
+    chosen = {int(t): list(u) for t, u in (ffn_units or {}).items()}
+    missing = sorted({t for _, t in pairs if t not in chosen})
+    if missing and student.hidden_dim != teacher.hidden_dim:
+        raise GemstillError(
+            f"student init: no FFN units chosen for teacher block(s) {missing}; re-run the layer_map stage "
+            "(gemstill run PROFILE --refresh layer_map)"
+        )
+    for t, units in chosen.items():
+        if (
+            len(units) != student.hidden_dim
+            or len(set(units)) != len(units)
+            or not all(0 <= u < teacher.hidden_dim for u in units)
+        ):
+            raise GemstillError(
+                f"student init: teacher block {t} keeps {len(units)} FFN units, need {student.hidden_dim} distinct "
+                f"ones below {teacher.hidden_dim}; re-run the layer_map stage"
+            )
+    return {t: jnp.asarray(units, jnp.int32) for t, units in chosen.items()}
 
 
 def _kind(window: int | None) -> str:
@@ -99,10 +139,13 @@ def init_student_from_teacher(
     mapping_pairs: Sequence[tuple[int, int]],
     seed: int,
     projection: Projection = "none",
+    ffn_units: Mapping[int, Sequence[int]] | None = None,
 ) -> StudentInit:
     """A random student (build_model(student_config, seed)) with the teacher's embedding, final norm and mapped blocks.
 
-    Each (student s, teacher t) pair copies every parameter of teacher block t into student block s.
+    Each (student s, teacher t) pair copies every parameter of teacher block t into student block s. With
+    projection="importance", `ffn_units` names per teacher block t the hidden units its copy keeps (gate and up
+    columns, down rows); teacher blocks it does not name keep all of them (the widths then must match).
     """
     check_widths(student_config, teacher_config, projection)
     check_flat(teacher_config, teacher_flat, "teacher parameters")
@@ -119,6 +162,13 @@ def init_student_from_teacher(
     copies = {"embedding": "embedding", "final_norm.scale": "final_norm.scale"}
     for s, t in mapping_pairs:
         copies.update({f"layers.{s}.{name}": f"layers.{t}.{name}" for name in LAYER_PARAMS})
+    units = _unit_indices(student_config, teacher_config, mapping_pairs, projection, ffn_units)
     for target, source in copies.items():
-        params[target] = _fit(teacher_flat[source], params[target].shape, dtype)
+        value = teacher_flat[source]
+        block = int(source.split(".")[1]) if source.startswith("layers.") else None
+        if block in units and source.endswith((".mlp.gate", ".mlp.up")):
+            value = jnp.take(jnp.asarray(value), units[block], axis=1)
+        elif block in units and source.endswith(".mlp.down"):
+            value = jnp.take(jnp.asarray(value), units[block], axis=0)
+        params[target] = _fit(value, params[target].shape, dtype)
     return StudentInit(params=params, notes=_window_notes(student_config, teacher_config, mapping_pairs))

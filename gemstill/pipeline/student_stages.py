@@ -41,12 +41,15 @@ def validate_student(profile: Profile) -> None:
 
 def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
+    from gemstill.distill.cka import sample_batches
     from gemstill.distill.layer_map import MEASURED, make_layer_map
+    from gemstill.distill.width import ffn_importance, with_ffn_units
 
     settings = ctx.profile.layer_map
     student_settings = ctx.profile.student
     compare = settings.compare_init and student_settings.init == "teacher"
-    if settings.strategy in MEASURED or compare:
+    prune = student_settings.init == "teacher" and student_settings.projection == "importance"
+    if settings.strategy in MEASURED or compare or prune:
         teacher = load_teacher(ctx)
         config, model = teacher.config, teacher.model
         sample = read_split(ctx.input("prepare_data"), "train")
@@ -54,15 +57,27 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
         config, model, sample = teacher_config(ctx.profile), None, None
     student = student_config(ctx.profile, config)
     layer_map = make_layer_map(settings, student.num_layers, config.num_layers, model, sample)
+    importance = None
+    if prune and student.hidden_dim < config.hidden_dim:
+        importance = ffn_importance(model, sample_batches(sample, settings.sample_sequences))
+        layer_map = with_ffn_units(layer_map, importance, student.hidden_dim)
+        ctx.log(
+            f"layer_map: each copied block keeps its {student.hidden_dim} of {config.hidden_dim} FFN units that "
+            "matter most"
+        )
     layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
     metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
+    if importance is not None:
+        metrics["ffn_units_kept"] = f"{student.hidden_dim}/{config.hidden_dim}"
     if compare:
         from gemstill.distill.init_nll import candidate_maps, init_nll
         from gemstill.fsutil import atomic_write_bytes
         from gemstill.params import to_flat
 
         maps = candidate_maps(settings, student.num_layers, model, sample, layer_map)
+        if importance is not None:
+            maps = {name: with_ffn_units(candidate, importance, student.hidden_dim) for name, candidate in maps.items()}
         nll = init_nll(
             student,
             config,
@@ -107,7 +122,13 @@ def _student_run(ctx: StageContext, baseline: bool):
             student = with_teacher_types(student, teacher.config, pairs)
             ctx.log(f"student init: layer types {student.types} from the teacher blocks copied")
         init = init_student_from_teacher(
-            student, teacher.config, teacher_flat, pairs, profile.student.seed, profile.student.projection
+            student,
+            teacher.config,
+            teacher_flat,
+            pairs,
+            profile.student.seed,
+            profile.student.projection,
+            layer_map.ffn_units,
         )
         params = init.params
         for note in init.notes:

@@ -1,0 +1,192 @@
+"""How near its teacher a student starts, and how much distillation then pays: side by side, in one run.
+
+Part 1, at init (no training). At the parameter budget of the profile's student, every way gemstill can cut the
+teacher down, scored on the same validation sequences (NLL, nats per token):
+- depth: the profile's depth at full width, blocks chosen by each layer-map strategy (uniform, last, adaptive,
+  angular);
+- width: deeper students whose FFN is pruned to the same budget, blocks by angular distance, units kept by
+  measured importance (student.projection: importance) against the leading units (truncate).
+
+Part 2, trained (`--trained`): `gemstill run PROFILE` in the store (cached stages are reused), then from its
+artifacts: student against baseline at equal steps (NLL, KL to the teacher, share of the baseline-teacher gap
+closed) and the first validation step at which the student reaches the baseline's final validation NLL (how many
+of the baseline's training tokens distillation needs to match it).
+
+    python benchmarks/distill_quality.py [PROFILE] [--store DIR] [--sequences 16] [--depths 18,14,12]
+        [--trained] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gemstill.config import Gemma3Config
+from gemstill.data.format import read_split
+from gemstill.distill.angular import angular_distances, kept_blocks
+from gemstill.distill.cka import sample_batches, sampled_hidden_states
+from gemstill.distill.evaluate import Candidate, evaluate_models
+from gemstill.distill.init_nll import candidate_maps
+from gemstill.distill.layer_map import LayerMap
+from gemstill.distill.student_init import init_student_from_teacher
+from gemstill.distill.width import ffn_importance, with_ffn_units
+from gemstill.params import count_params, to_flat
+from gemstill.pipeline.plan import make_plan
+
+
+def _run(*args: str) -> None:
+    command = [sys.executable, "-m", "gemstill", *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def widest_ffn(config: Gemma3Config, budget: int, multiple: int = 8) -> int:
+    """The largest FFN width (a multiple of `multiple`) at which `config` has at most `budget` parameters."""
+    per_unit = (
+        count_params(config.replace(hidden_dim=2 * multiple))["total"]
+        - count_params(config.replace(hidden_dim=multiple))["total"]
+    )
+    base = count_params(config.replace(hidden_dim=multiple))["total"] - per_unit
+    return max(multiple, (budget - base) // per_unit * multiple)
+
+
+def _stage_dir(plan, name: str) -> Path:
+    """A stage's committed directory in a local store (the benchmark reads its artifacts)."""
+    return Path(plan.store.root) / name / plan.stages[name].key
+
+
+def _sets(overrides: dict[str, str]) -> list[str]:
+    return [part for key, value in overrides.items() for part in ("--set", f"{key}={value}")]
+
+
+def init_table(profile: str, store: str, sequences: int, depths: list[int], overrides: dict[str, str]) -> list[dict]:
+    from gemstill.distill.layer_map import make_layer_map
+    from gemstill.loading import load_model
+    from gemstill.pipeline.student_stages import student_config
+
+    plan = make_plan(profile, store=store, overrides=overrides)
+    needed = ["prepare_data"] + (["pretrain_teacher"] if "pretrain_teacher" in plan.stages else [])
+    for name in needed:
+        if plan.state(name) != "done":
+            _run("run", profile, "--store", store, "--only", name, *_sets(overrides))
+    data_dir = _stage_dir(plan, "prepare_data")
+    spec = plan.profile.teacher.model or f"orbax:{_stage_dir(plan, 'pretrain_teacher') / 'model'}"
+    teacher = load_model(spec, param_dtype="float32", dtype="float32")
+    student = student_config(plan.profile, teacher.config).replace(param_dtype="float32", dtype="float32")
+    budget = count_params(student)["total"]
+    teacher_flat = to_flat(teacher.model)
+    sample = read_split(data_dir, "train")
+    settings = plan.profile.layer_map
+    batches = sample_batches(sample, settings.sample_sequences)
+    print(f"teacher {count_params(teacher.config)['total']:,} parameters; student budget {budget:,}", flush=True)
+    candidates: list[tuple[str, Gemma3Config, Callable[[], dict]]] = []  # params built one at a time (memory)
+    uniform = make_layer_map(
+        settings.model_copy(update={"strategy": "uniform", "pairs": None}),
+        student.num_layers,
+        teacher.config.num_layers,
+    )
+    for name, layer_map in candidate_maps(settings, student.num_layers, teacher.model, sample, uniform).items():
+        pairs = [tuple(p) for p in layer_map.pairs]
+        build = functools.partial(init_student_from_teacher, student, teacher.config, teacher_flat, pairs, 0)
+        candidates.append((f"depth {student.num_layers}, {name}", student, build))
+    distances = angular_distances(sampled_hidden_states(teacher.model, batches, settings.max_tokens))
+    importance = ffn_importance(teacher.model, batches)
+    for depth in depths:
+        config = student.replace(num_layers=depth, layer_types=None)
+        width = min(widest_ffn(config, budget), teacher.config.hidden_dim)
+        config = config.replace(hidden_dim=width)
+        pairs = list(enumerate(kept_blocks(distances, depth)))
+        layer_map = LayerMap(
+            strategy="explicit", pairs=pairs, student_layers=depth, teacher_layers=teacher.config.num_layers
+        )
+        units = with_ffn_units(layer_map, importance, width).ffn_units
+        for projection in ("importance", "truncate"):
+            chosen = units if projection == "importance" else None
+            build = functools.partial(
+                init_student_from_teacher, config, teacher.config, teacher_flat, pairs, 0, projection, chosen
+            )
+            candidates.append((f"depth {depth}, FFN {width}, {projection}", config, build))
+    nll = {}
+    for name, config, build in tqdm(candidates, desc="students at init"):
+        rows = evaluate_models(
+            Candidate("teacher", teacher.config, teacher_flat),
+            [Candidate(name, config, build().params)],
+            data_dir,
+            max_sequences=sequences,
+            progress=lambda _: None,
+        )
+        nll |= {row["model"]: row["val_nll"] for row in rows}
+    table = [{"student": "teacher", "parameters": count_params(teacher.config)["total"], "init_nll": nll["teacher"]}]
+    for name, config, _ in candidates:
+        table.append({"student": name, "parameters": count_params(config)["total"], "init_nll": nll[name]})
+    return table
+
+
+def _validation_curve(stage_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [(r["step"], r["val_cross_entropy"]) for r in records if "val_cross_entropy" in r]
+
+
+def trained_table(profile: str, store: str, overrides: dict[str, str]) -> dict:
+    _run("run", profile, "--store", store, *_sets(overrides))
+    plan = make_plan(profile, store=store, overrides=overrides)
+    report = json.loads((_stage_dir(plan, "evaluate") / "report.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    teacher, student, baseline = rows["teacher"], rows["student"], rows["baseline"]
+    gap = (baseline["val_nll"] - student["val_nll"]) / (baseline["val_nll"] - teacher["val_nll"])
+    ours, theirs = (
+        _validation_curve(_stage_dir(plan, "train_student")),
+        _validation_curve(_stage_dir(plan, "train_baseline")),
+    )
+    target = min(value for _, value in theirs)
+    reached = next((step for step, value in ours if value <= target), None)
+    return {
+        "teacher": teacher,
+        "student": student,
+        "baseline": baseline,
+        "gap_closed": gap,
+        "reached": reached,
+        "steps": theirs[-1][0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", nargs="?", default="gemma3-270m")
+    parser.add_argument("--store", default="runs/distill-quality")
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--depths", default="18,14,12")
+    parser.add_argument("--trained", action="store_true")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    overrides = dict(pair.split("=", 1) for pair in args.set)
+    began = time.perf_counter()
+    table = init_table(args.profile, args.store, args.sequences, [int(d) for d in args.depths.split(",")], overrides)
+    print(f"\nNLL at init on {args.sequences} validation sequences ({time.perf_counter() - began:.0f} s)")
+    print(f"{'student':<34} {'parameters':>13} {'init NLL':>9}")
+    for row in table:
+        print(f"{row['student']:<34} {row['parameters']:>13,} {row['init_nll']:>9.3f}")
+    if args.trained:
+        result = trained_table(args.profile, args.store, overrides)
+        print("\nafter training, equal steps and data")
+        for name in ("teacher", "student", "baseline"):
+            row = result[name]
+            print(f"{name:<10} val NLL {row['val_nll']:.3f}  KL {row['kl_to_teacher']:.3f}")
+        print(
+            f"gap closed: {result['gap_closed']:.1%}; the student reaches the baseline's best validation NLL at step "
+            f"{result['reached']} of {result['steps']}"
+        )
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,183 @@
+"""Width pruning by measurement (gemstill.distill.width): FFN unit importance and the narrower student it builds.
+
+- The importance E|a_i| * ||down_i|| equals the one computed from transformers' own FFN activations (a forward
+  hook on each layer's down_proj input) on the same random weights: rtol 1e-4.
+- A student keeping every block and each block's chosen units computes exactly what the teacher computes with the
+  other units' down rows zeroed (float32, atol 1e-5): the pruning removes those units and nothing else.
+- Keeping every unit copies the teacher exactly; bad unit lists and unsupported narrowings are one-line errors.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from transformers import AutoModelForCausalLM
+
+from gemstill.checkpoints.hf import save_hf
+from gemstill.distill.layer_map import LayerMap
+from gemstill.distill.student_init import init_student_from_teacher
+from gemstill.distill.width import ffn_importance, kept_units, with_ffn_units
+from gemstill.errors import GemstillError
+from gemstill.model import build_model
+from gemstill.params import check_flat, from_flat, to_flat
+
+SEQ = 21  # longer than TINY's window of 8: local and global layers differ
+
+
+def _random_teacher(seed: int) -> dict[str, np.ndarray]:
+    """TINY with random values everywhere (norms too: zeros at init would hide a mapping bug)."""
+    rng = np.random.default_rng(seed)
+    flat = to_flat(build_model(TINY))
+    return {
+        n: rng.normal(0, 0.3 if n.endswith(".scale") else 0.15, np.shape(v)).astype(np.float32) for n, v in flat.items()
+    }
+
+
+def _batch(rows: int = 2) -> dict[str, np.ndarray]:
+    """Two packed rows: row 0 one document, row 1 a document of 13 tokens then 8 of padding."""
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, size=(rows, SEQ)).astype(np.int32)
+    segments = np.ones((rows, SEQ), np.int32)
+    segments[1, 13:] = 0
+    positions = np.tile(np.arange(SEQ, dtype=np.int32), (rows, 1))
+    return {"tokens": tokens, "positions": positions, "segment_ids": segments}
+
+
+def test_ffn_importance_matches_transformers_activations(tmp_path):
+    flat = _random_teacher(seed=3)
+    save_hf(tmp_path / "hf", TINY, flat)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    captured: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(reference.model.layers):
+        layer.mlp.down_proj.register_forward_hook(lambda _m, args, _out, i=index: captured.__setitem__(i, args[0]))
+    batch = _batch()
+    real = torch.tensor(batch["segment_ids"] > 0)
+    with torch.no_grad():  # each row alone, unpadded: the padding of row 1 never enters transformers
+        rows = []
+        for row in range(2):
+            length = int(real[row].sum())
+            reference(torch.tensor(batch["tokens"][row : row + 1, :length], dtype=torch.long))
+            rows.append({i: a[0].abs() for i, a in captured.items()})
+    expected = np.stack(
+        [
+            (torch.cat([r[i] for r in rows]).mean(0) * layer.mlp.down_proj.weight.norm(dim=0)).detach().numpy()
+            for i, layer in enumerate(reference.model.layers)
+        ]
+    )
+    importance = ffn_importance(from_flat(TINY, flat), [batch])
+    assert importance.shape == (TINY.num_layers, TINY.hidden_dim)
+    np.testing.assert_allclose(importance, expected, rtol=1e-4, atol=1e-7)
+    # batching does not change it: token-weighted means
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    np.testing.assert_allclose(ffn_importance(from_flat(TINY, flat), halves), importance, rtol=1e-5)
+
+
+def test_width_pruned_student_is_the_teacher_without_the_dropped_units():
+    flat = _random_teacher(seed=5)
+    teacher = from_flat(TINY, flat)
+    importance = ffn_importance(teacher, [_batch()])
+    width = 24  # of 128
+    pairs = [(i, i) for i in range(TINY.num_layers)]
+    every = LayerMap(strategy="uniform", pairs=pairs, student_layers=TINY.num_layers, teacher_layers=TINY.num_layers)
+    layer_map = with_ffn_units(every, importance, width)
+    student_config = TINY.replace(hidden_dim=width)
+    init = init_student_from_teacher(
+        student_config, TINY, flat, pairs, seed=0, projection="importance", ffn_units=layer_map.ffn_units
+    )
+    check_flat(student_config, init.params, "student")
+    # the units kept are the most important ones of each block
+    for t, units in layer_map.ffn_units.items():
+        assert len(units) == width and units == sorted(units)
+        assert importance[t][units].min() >= np.delete(importance[t], units).max()
+    masked = dict(flat)
+    for t, units in layer_map.ffn_units.items():
+        dropped = np.ones(TINY.hidden_dim, bool)
+        dropped[units] = False
+        down = np.array(flat[f"layers.{t}.mlp.down"])
+        down[dropped] = 0.0
+        masked[f"layers.{t}.mlp.down"] = down
+    tokens = jnp.asarray(_batch()["tokens"])
+    ours = np.asarray(from_flat(student_config, init.params)(tokens).logits)
+    np.testing.assert_allclose(ours, np.asarray(from_flat(TINY, masked)(tokens).logits), atol=1e-5)
+    assert np.abs(ours - np.asarray(teacher(tokens).logits)).max() > 1e-2  # the pruning does change the model
+    # keeping every unit copies the teacher exactly
+    full = with_ffn_units(every, importance, TINY.hidden_dim)
+    same = init_student_from_teacher(TINY, TINY, flat, pairs, seed=0, projection="importance", ffn_units=full.ffn_units)
+    np.testing.assert_array_equal(
+        np.asarray(from_flat(TINY, same.params)(tokens).logits), np.asarray(teacher(tokens).logits)
+    )
+    # the units survive the layer map's JSON
+    assert LayerMap.from_json(layer_map.to_json()).ffn_units == layer_map.ffn_units
+
+
+def test_kept_units_take_the_largest_and_break_ties_low():
+    assert kept_units(np.array([0.1, 3.0, 0.5, 3.0, 2.0]), 3) == [1, 3, 4]
+    assert kept_units(np.array([1.0, 1.0, 1.0]), 2) == [0, 1]
+    with pytest.raises(GemstillError, match="cannot keep 4 of 3 FFN units"):
+        kept_units(np.ones(3), 4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "units", "message"),
+    [
+        ({"hidden_dim": 24}, None, r"no FFN units chosen for teacher block\(s\) \[0, 1\]; re-run the layer_map stage"),
+        ({"hidden_dim": 24}, {0: list(range(23)), 1: list(range(24))}, "teacher block 0 keeps 23 FFN units, need 24"),
+        ({"hidden_dim": 24}, {0: [0] * 24, 1: list(range(24))}, "need 24 distinct ones below 128"),
+        ({"hidden_dim": 24, "embed_dim": 16}, None, r"prunes FFN units only, .* embed_dim 16 < 64; keep those widths"),
+    ],
+)
+def test_bad_ffn_units_are_refused(changes, units, message):
+    flat = _random_teacher(seed=0)
+    with pytest.raises(GemstillError, match=message):
+        init_student_from_teacher(
+            TINY.replace(num_layers=2, **changes), TINY, flat, [(0, 0), (1, 1)], 0, "importance", units
+        )
+    with pytest.raises(GemstillError, match=r"FFN units were chosen but student\.projection is not importance"):
+        init_student_from_teacher(
+            TINY.replace(num_layers=2, hidden_dim=24), TINY, flat, [(0, 0)], 0, "truncate", {0: list(range(24))}
+        )
+
+
+def test_init_nll_scores_each_distinct_student_once(tmp_path, monkeypatch):
+    """Maps that copy the same blocks and units are one student: scored once, the score given to each name; the
+    scores are those of the students built directly, every FFN pruned by the map's units."""
+    from gemstill.data.format import write_split
+    from gemstill.distill import init_nll as module
+    from gemstill.distill.evaluate import Candidate, evaluate_models
+
+    batch = _batch(rows=3)
+    loss_mask = (batch["segment_ids"] > 0).astype(np.int8)
+    write_split(tmp_path, "validation", batch["tokens"], batch["positions"], batch["segment_ids"], loss_mask)
+    flat = _random_teacher(seed=6)
+    importance = ffn_importance(from_flat(TINY, flat), [batch])
+    student = TINY.replace(num_layers=2, hidden_dim=32)
+
+    def layer_map(pairs):
+        plain = LayerMap(strategy="explicit", pairs=pairs, student_layers=2, teacher_layers=TINY.num_layers)
+        return with_ffn_units(plain, importance, 32)
+
+    maps = {
+        "uniform": layer_map([(0, 2), (1, 6)]),
+        "angular": layer_map([(0, 2), (1, 6)]),
+        "last": layer_map([(0, 5), (1, 6)]),
+    }
+    scored = []
+    real = module.evaluate_models
+    monkeypatch.setattr(
+        module, "evaluate_models", lambda t, s, *a, **k: scored.append([c.name for c in s]) or real(t, s, *a, **k)
+    )
+    nll = module.init_nll(student, TINY, flat, maps, tmp_path, 3, 0, "importance", progress=lambda _: None)
+    assert scored == [["uniform", "last"]] and nll["angular"] == nll["uniform"] != nll["last"]
+    for name in ("uniform", "last"):
+        pairs = maps[name].pairs
+        init = init_student_from_teacher(student, TINY, flat, pairs, 0, "importance", maps[name].ffn_units)
+        rows = evaluate_models(
+            Candidate("teacher", TINY, flat), [Candidate(name, student, init.params)], tmp_path, progress=lambda _: None
+        )
+        assert nll[name] == pytest.approx(rows[1]["val_nll"], rel=1e-6) and nll["teacher"] == pytest.approx(
+            rows[0]["val_nll"], rel=1e-6
+        )
