@@ -342,13 +342,21 @@ def _task_runs(flow_run_id) -> dict[str, object]:
     return {run.name.split("-")[0]: run for run in runs}
 
 
-def _artifact(key: str):
+def _artifact(key: str, flow_run_id):
+    """The artifact of that key made in that flow run (earlier runs and tests may have made one of the same key)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        (latest,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
-    return latest
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    assert found, f"no artifact {key} in flow run {flow_run_id}"
+    return found[0]
 
 
 @pytest.mark.parametrize("concurrent", [1, 2])
@@ -377,7 +385,9 @@ def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, mo
     source_id = runs["stage:source"].id
     for name in ("stage:left", "stage:right"):
         assert [i.id for i in runs[name].task_inputs["wait_for"]] == [source_id]
-    assert _artifact("machinery-left-progress").data == 100.0  # the stage reported its progress to the end
+    assert (
+        _artifact("machinery-left-progress", state.state_details.flow_run_id).data == 100.0
+    )  # the stage reported its progress to the end
     again = distill(profile=profile, overrides=overrides, return_state=True)
     assert {name: run.state.name for name, run in _task_runs(again.state_details.flow_run_id).items()} == {
         "stage:left": "Cached",
