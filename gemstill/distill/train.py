@@ -379,6 +379,7 @@ def train(
         pending.clear()
         bad = next((r for r in records if not all(np.isfinite(r[k]) for k in (*_TERMS, "grad_norm"))), None)
         if bad is not None:
+            progress.close()
             checkpointer.close()
             raise GemstillError(
                 f"{run.title}: loss became {bad['loss']} at step {bad['step']} (grad norm {bad['grad_norm']}); "
