@@ -50,17 +50,17 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
             f"student layers wider than the teacher's ({', '.join(wider)}); copying cannot fill them, set "
             "student.init: random"
         )
-    narrower = [
-        f"{n} {getattr(student, n)} < {getattr(teacher, n)}"
+    narrower = {
+        n: f"{n} {getattr(student, n)} < {getattr(teacher, n)}"
         for n in _WIDTHS
         if getattr(student, n) < getattr(teacher, n)
-    ]
+    }
     if narrower and projection == "none":
         raise GemstillError(
-            f"student layers narrower than the teacher's ({', '.join(narrower)}); set student.init: random or "
-            "configure student.projection: importance (FFN units) or truncate"
+            f"student layers narrower than the teacher's ({', '.join(narrower.values())}); set student.init: random "
+            "or configure student.projection: importance (FFN units) or truncate"
         )
-    other = [item for item in narrower if not item.startswith("hidden_dim ")]
+    other = [text for name, text in narrower.items() if name != "hidden_dim"]
     if other and projection == "importance":
         raise GemstillError(
             f"student.projection: importance prunes FFN units only, but the student is also narrower in "
