@@ -23,7 +23,8 @@ import numpy as np
 from gemstill.config import Gemma3Config
 from gemstill.data.format import write_split
 from gemstill.distill.config import DistillConfig, TrainingConfig
-from gemstill.distill.train import Run, Teacher, train
+from gemstill.distill.run import Run, Teacher
+from gemstill.distill.train import train
 from gemstill.model import build_model
 from gemstill.params import to_flat
 

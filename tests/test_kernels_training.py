@@ -11,7 +11,8 @@ from test_train import dirs  # noqa: F401  (the packed data + teacher cache fixt
 from train_driver import build_run
 
 from gemstill.distill.input_pipeline import Batches
-from gemstill.distill.train import initial_params, make_loss
+from gemstill.distill.objective import make_loss
+from gemstill.distill.run import initial_params
 from gemstill.model import build_model
 from gemstill.params import to_flat
 from gemstill.pipeline.profile import load_profile

@@ -23,7 +23,10 @@ from train_driver import TEACHER, build_run
 from gemstill.checkpoints.native import load_native
 from gemstill.data.format import write_split
 from gemstill.distill.input_pipeline import Batches, stack_micro
-from gemstill.distill.train import initial_params, make_loss, make_train_step, train
+from gemstill.distill.objective import make_loss
+from gemstill.distill.run import initial_params
+from gemstill.distill.step import make_train_step
+from gemstill.distill.train import train
 from gemstill.errors import GemstillError
 from gemstill.loading import LoadedModel
 from gemstill.model import build_model
@@ -151,9 +154,11 @@ def _steps_saved(out: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
-def test_sigkill_then_resume_ends_with_identical_parameters(dirs, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--pretrain"]], ids=["student", "teacher_pretraining"])
+def test_sigkill_then_resume_ends_with_identical_parameters(dirs, tmp_path, mode):
+    """A student's distillation, and a from-scratch teacher's pretraining through the same loop."""
     data, cache = dirs
-    settings = ["--set", "steps=10", "--set", "checkpoint_every=2", "--set", "layer_drop=0.3"]
+    settings = ["--set", "steps=10", "--set", "checkpoint_every=2", "--set", "layer_drop=0.3", *mode]
     reference = _driver(data, cache, tmp_path / "reference", *settings)
     assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
 
@@ -274,3 +279,77 @@ def test_sharded_training_on_8_devices_matches_and_resumes_on_another_mesh(dirs,
     assert "resuming from step 2" in output
     for name, value in _params(tmp_path / "sharded").items():
         np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_pretraining_is_cross_entropy_from_the_random_init(dirs, tmp_path):
+    """Step 1's loss of a teacher pretrained through train() (chunked LM head, no teacher) equals the masked
+    next-token NLL of its seed-0 init from full logits and log_softmax, on step 0's rows; and pretraining learns."""
+    from train_driver import pretrain_settings
+
+    from gemstill.pretrain import pretrain
+
+    data, _ = dirs
+    settings = pretrain_settings(steps=8, optimizer={"learning_rate": 1e-2, "warmup_steps": 0})
+    metrics = pretrain(TEACHER, settings, data, tmp_path, log=lambda _: None)
+    history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "model").is_dir() and (tmp_path / "loss_curve.png").is_file()
+
+    model = build_model(TEACHER, seed=settings.seed)
+    batches = Batches(data, None, "train")
+    host = batches.get(batches.step_rows(0, settings.batch_size, settings.seed))
+    tokens, positions, segments = (jnp.asarray(host[k]) for k in ("tokens", "positions", "segment_ids"))
+    logits = model(tokens, positions, mask=segments > 0, segment_ids=segments).logits
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = np.take_along_axis(np.asarray(logprobs), host["labels"][..., None], axis=-1)[..., 0]
+    reference = -(picked * host["weights"]).sum() / host["weights"].sum()
+    np.testing.assert_allclose(history[0]["loss"], reference, rtol=1e-5)
+    assert history[0]["distill"] == 0.0 and history[0]["loss"] == history[0]["cross_entropy"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert np.isclose(metrics["validation_perplexity"], np.exp(metrics["validation_loss"]))
+    assert metrics["parameters"] == sum(int(np.prod(v.shape)) for v in _params(tmp_path).values())
+
+
+def test_old_pretraining_keys_name_their_new_place(tmp_path):
+    from gemstill.pipeline.profile import load_profile
+
+    with pytest.raises(
+        GemstillError,
+        match=r"teacher.scratch.training.learning_rate is now "
+        r"teacher.scratch.training.optimizer.learning_rate",
+    ):
+        load_profile("tiny", {"teacher.scratch.training.learning_rate": 0.01})
+
+
+def test_one_compile_of_the_step_and_of_the_validation_loss_per_run(dirs, tmp_path):
+    """Validating twice, with a short last validation batch (8 rows in batches of 3): the step and the validation
+    loss are each compiled once (jax.log_compiles), and the padded batch scores the same as the rows alone."""
+    import logging
+
+    data, cache = dirs
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            run = build_run(cache, steps=4, batch_size=3, eval_every=2, checkpoint_every=4, eval_batches=3)
+            train(run, data, tmp_path, None, log=lambda _: None)
+    finally:
+        logger.removeHandler(handler)
+    compiled = [m.split(" with ")[0] for m in messages if m.startswith("Compiling jit(")]
+    assert compiled.count("Compiling jit(step_fn)") == 1 and compiled.count("Compiling jit(loss)") == 1, compiled
+
+    from gemstill.distill.train import evaluate_objective
+
+    loss = jax.jit(make_loss(run), static_argnames="train")
+    params = initial_params(run)
+    validation = Batches(data, cache, "validation")
+    padded = evaluate_objective(run, loss, params, None, validation, count=1, batch_size=10)  # 8 rows + 2 empty
+    whole = evaluate_objective(run, loss, params, None, validation, count=1, batch_size=8)
+    for name, value in whole.items():
+        np.testing.assert_allclose(padded[name], value, rtol=1e-6, atol=1e-7, err_msg=name)

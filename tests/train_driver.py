@@ -1,6 +1,7 @@
 """A small distillation run over test data, importable by tests and runnable as a script (SIGKILL / 8-device tests).
 
 python tests/train_driver.py DATA_DIR CACHE_DIR OUT_DIR [--mesh D,F,T] [--set key=json]...
+python tests/train_driver.py DATA_DIR - OUT_DIR --pretrain [--set key=json]...   (the teacher, from scratch)
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ if __name__ == "__main__" and "--devices" in sys.argv:  # must precede the jax i
 
 from conftest import TINY
 
-from gemstill.distill.config import DistillConfig, TrainingConfig
+from gemstill.distill.config import DistillConfig, PretrainConfig, TrainingConfig
+from gemstill.distill.run import Run, Teacher
 from gemstill.distill.student_init import init_student_from_teacher
-from gemstill.distill.train import Run, Teacher, train
+from gemstill.distill.train import train
 from gemstill.model import build_model
 from gemstill.params import to_flat
+from gemstill.pretrain import pretrain
 
 TEACHER = TINY.replace(num_layers=2)
 STUDENT = TINY.replace(num_layers=1)
@@ -47,6 +50,12 @@ def build_run(cache_dir: Path | None, objective: dict[str, Any] | None = None, *
     )
 
 
+def pretrain_settings(**training: Any) -> PretrainConfig:
+    """A short pretraining of the driver's teacher architecture from its random init."""
+    settings = {"steps": 6, "batch_size": 4, "checkpoint_every": 2, "eval_every": 2, "eval_batches": 2, **training}
+    return PretrainConfig(**settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir", type=Path)
@@ -55,8 +64,13 @@ def main() -> None:
     parser.add_argument("--mesh", default=None)
     parser.add_argument("--devices", default=None)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--pretrain", action="store_true")
     args = parser.parse_args()
     training = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.pretrain:
+        metrics = pretrain(TEACHER, pretrain_settings(**training), args.data_dir, args.out_dir, log=print)
+        print("METRICS " + json.dumps(metrics, default=float))
+        return
     mesh = None
     if args.mesh:
         from gemstill.distill.sharding import make_mesh

@@ -160,6 +160,32 @@ class TrainingConfig(BaseModel):
         return self
 
 
+PRETRAIN_SECTION = "teacher.scratch.training"
+_MOVED = ("learning_rate", "warmup_steps", "weight_decay", "clip_norm")  # top-level keys of the old section
+
+
+class PretrainConfig(TrainingConfig):
+    """The `training` section (every knob of it) with pretraining's defaults: a larger batch and learning rate,
+    and validation at every checkpoint so the model kept is the best-validated one."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, warmup_steps=20)
+    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = [key for key in _MOVED if isinstance(data, dict) and key in data]
+        if moved:
+            raise ValueError(
+                f"{PRETRAIN_SECTION}.{moved[0]} is now {PRETRAIN_SECTION}.optimizer.{moved[0]} (the section has "
+                "the training section's schema); move it under optimizer"
+            )
+        return data
+
+
 QuantFormat = Literal["int8", "q8_0", "q4_0"]
 
 

@@ -11,12 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gemstill.config import Gemma3Config
 from gemstill.data.config import DataConfig, TokenizerTrainingConfig
-from gemstill.distill.config import DistillConfig, QATConfig, QuantizeConfig, StudentConfig, TrainingConfig
+from gemstill.distill.config import (
+    DistillConfig,
+    PretrainConfig,
+    QATConfig,
+    QuantizeConfig,
+    StudentConfig,
+    TrainingConfig,
+)
 from gemstill.distill.layer_map import LayerMapConfig
 from gemstill.errors import GemstillError
 from gemstill.export import ExportTarget, default_exports
 from gemstill.pipeline.yamlio import read_yaml, validate
-from gemstill.pretrain import PretrainConfig
 from gemstill.reasoning.config import ReasoningConfig, TeacherGenerateConfig
 from gemstill.shipped import resolve_yaml
 from gemstill.teacher_cache.config import TeacherCacheConfig

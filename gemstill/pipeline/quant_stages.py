@@ -95,7 +95,7 @@ def qat_run(profile: Profile, config: Gemma3Config, params: dict[str, Any], cach
     """The training Run of QAT in `fmt`: train_student's objective without intermediate terms (QAT adds none),
     the qat section's steps and learning rate; fmt None is the same run without the quantizer (a control)."""
     from gemstill.distill.config import AttentionLossConfig, HiddenLossConfig
-    from gemstill.distill.train import FakeQuant, Run, Teacher
+    from gemstill.distill.run import FakeQuant, Run, Teacher
     from gemstill.pipeline.teacher import teacher_config
 
     objective = profile.distill.model_copy(
@@ -114,6 +114,7 @@ def qat_run(profile: Profile, config: Gemma3Config, params: dict[str, Any], cach
             cache_temperature=profile.teacher_cache.temperature,
         ),
         title=f"qat-{fmt}" if fmt else "fp32-continued",
+        learning_rate_key="qat.learning_rate",
         fake_quant=FakeQuant(fmt, profile.quantize.embedding) if fmt else None,
     )
 
@@ -124,7 +125,7 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
     weights on the format's grid, which is exactly what the export writes."""
     from gemstill.checkpoints.native import load_native
     from gemstill.distill.train import train
-    from gemstill.pipeline.student_stages import _mesh
+    from gemstill.pipeline.mesh import profile_mesh
 
     profile = ctx.profile
     config, params = _student(ctx)
@@ -139,7 +140,7 @@ def qat_stage(ctx: StageContext) -> dict[str, Any]:
             out,
             tokenizer.model_proto,
             log=ctx.log,
-            mesh=_mesh(profile),
+            mesh=profile_mesh(profile),
             persist=ctx.persist,
             report_progress=ctx.progress,
         )

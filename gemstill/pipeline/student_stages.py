@@ -9,6 +9,7 @@ from typing import Any
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.mesh import profile_mesh
 from gemstill.pipeline.profile import Profile
 from gemstill.pipeline.teacher import load_teacher, teacher_config
 
@@ -105,8 +106,8 @@ def _student_run(ctx: StageContext, baseline: bool):
     """The training Run of the distilled student or of the cross-entropy baseline (same init, data, steps)."""
     from gemstill.distill.config import DistillConfig
     from gemstill.distill.layer_map import LayerMap
+    from gemstill.distill.run import Run, Teacher
     from gemstill.distill.student_init import init_student_from_teacher, with_teacher_types
-    from gemstill.distill.train import Run, Teacher
     from gemstill.model import build_model
     from gemstill.params import to_flat
 
@@ -158,7 +159,7 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
 
     run = _student_run(ctx, baseline)
     data_dir = ctx.training_data()
-    mesh = _mesh(ctx.profile)
+    mesh = profile_mesh(ctx.profile)
     tokenizer_model = (data_dir / "tokenizer.model").read_bytes()
     return train(
         run,
@@ -170,15 +171,6 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
         persist=ctx.persist,
         report_progress=ctx.progress,
     )
-
-
-def _mesh(profile: Profile):
-    mesh = profile.hardware.mesh
-    if mesh.devices == 1:
-        return None
-    from gemstill.distill.sharding import make_mesh
-
-    return make_mesh(mesh.data, mesh.fsdp, mesh.tensor)
 
 
 def train_student_stage(ctx: StageContext) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 from gemstill.errors import GemstillError
 from gemstill.memory import estimate
 from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.mesh import profile_mesh
 from gemstill.pipeline.profile import Profile
 from gemstill.pipeline.teacher import load_teacher, teacher_config
 
@@ -38,6 +39,7 @@ def pretrain_teacher_stage(ctx: StageContext) -> dict[str, Any]:
         ctx.input("prepare_data"),
         ctx.workdir,
         log=ctx.log,
+        mesh=profile_mesh(ctx.profile),
         persist=ctx.persist,
         report_progress=ctx.progress,
     )
