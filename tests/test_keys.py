@@ -90,6 +90,22 @@ def test_data_files_count_by_content_not_by_path_or_mtime(profile):
     assert _changed(base, _keys(profile)) == ALL  # every stage reads the data, directly or not
 
 
+def test_an_out_of_domain_corpus_counts_by_content_for_evaluate_only(profile):
+    root = profile.parent
+    (root / "ood").mkdir()
+    (root / "ood" / "b.jsonl").write_text('{"text": "seven eight"}\n')
+    corpus = {"source": "files", "files": {"paths": [f"{root}/ood/*.jsonl"]}}
+    base = _keys(profile)
+    with_ood = _keys(profile, **{"evaluate.out_of_domain": json.dumps(corpus)})
+    assert _changed(base, with_ood) == {"evaluate", "export"}  # the model cards carry the evaluation
+    shutil.copytree(root / "ood", root / "ood2")
+    moved = {"source": "files", "files": {"paths": [f"{root}/ood2/*.jsonl"]}}
+    assert _keys(profile, **{"evaluate.out_of_domain": json.dumps(moved)}) == with_ood
+    (root / "ood2" / "b.jsonl").write_text('{"text": "nine"}\n')
+    edited = _keys(profile, **{"evaluate.out_of_domain": json.dumps(moved)})
+    assert _changed(with_ood, edited) == {"evaluate", "export"}
+
+
 def test_the_teacher_counts_by_content_not_by_path_or_mtime(profile):
     root = profile.parent
     base = _keys(profile)

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import seed_store
 
+from gemstill.data.format import read_split
+from gemstill.data.python_docs import stdlib_documents
+from gemstill.tokenizer import Tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,6 +117,17 @@ def test_distilled_student_beats_the_baseline(full_run):
     evaluate = stage_dir(store, "evaluate")
     for name in ("report.md", "evaluation.png", "training_curves.png"):
         assert (evaluate / name).stat().st_size > 0
+    # evaluate.out_of_domain: stdlib prose, far from the arithmetic every model trained on, scored beside it
+    scored = [name for name, row in rows.items() if "ood_nll" in row]
+    assert scored == ["teacher", "student", "baseline"]
+    assert rows["teacher"]["ood_kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert all(rows[name]["ood_nll"] > rows[name]["val_nll"] + 1.0 for name in scored), rows
+    ood = read_split(evaluate / "out_of_domain", "validation")
+    tokenizer = Tokenizer.from_file(stage_dir(store, "prepare_data") / "tokenizer.model")
+    first = tokenizer.decode(ood["tokens"][0][ood["segment_ids"][0] == 1].tolist())
+    assert first.strip()[:20] in "\n".join(stdlib_documents(max_documents=12))
+    report = (evaluate / "report.md").read_text()
+    assert "out-of-domain NLL" in report and "baseline out of domain (python-docs" in report
     assert (stage_dir(store, "layer_map") / "layer_map.png").stat().st_size > 0
     assert (stage_dir(store, "train_student") / "loss_curve.png").stat().st_size > 0
     # layer_map.compare_init: every strategy's 2-block student scored at init on the same validation sequences

@@ -88,6 +88,16 @@ def prepare_data(
     return stats
 
 
+def prepare_scoring_corpus(config: DataConfig, tokenizer: Tokenizer, out_dir: Path) -> dict[str, Any]:
+    """Every document of `config`'s corpus (generated held-out problems excepted) packed into one validation split
+    in `out_dir`, tokenized with `tokenizer`: text to score models on, never to train on. Returns its statistics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples, _ = collect_examples(config, out_dir)
+    if not examples:
+        raise GemstillError(f"{out_dir}: the corpus to score has no documents; give it a source with text")
+    return write_packed_split(out_dir, "validation", tokenize_all(examples, tokenizer, config), config)
+
+
 def tokenize_all(examples: Sequence[Example], tokenizer: Tokenizer, config: DataConfig) -> list[Document]:
     return [
         tokenize(example, tokenizer, config.chat_template, config.seq_len, index)

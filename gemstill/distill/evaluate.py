@@ -139,16 +139,21 @@ def _nbytes(value: Any) -> int:
 
 
 def report_markdown(title: str, rows: list[dict[str, Any]], notes: list[str]) -> str:
+    ood = any("ood_nll" in r for r in rows)  # evaluate.out_of_domain: two more columns
     lines = [
         f"# {title}",
         "",
-        "| model | layers | parameters | weights (MiB) | val NLL | val PPL | KL to teacher |",
-        "|---|---|---|---|---|---|---|",
+        "| model | layers | parameters | weights (MiB) | val NLL | val PPL | KL to teacher |"
+        + (" out-of-domain NLL | out-of-domain KL |" if ood else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if ood else ""),
     ]
     for r in rows:
+        extra = ""
+        if ood:
+            extra = " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in ("ood_nll", "ood_kl_to_teacher")) + " |"
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['parameters']:,} | {r['weight_bytes'] / 2**20:.1f} "
-            f"| {r['val_nll']:.4f} | {r['val_ppl']:.3f} | {r['kl_to_teacher']:.4f} |"
+            f"| {r['val_nll']:.4f} | {r['val_ppl']:.3f} | {r['kl_to_teacher']:.4f} |" + (f" {extra}" if ood else "")
         )
     lines += ["", *notes, "", "![evaluation](evaluation.png)", "", "![training curves](training_curves.png)", ""]
     return "\n".join(lines)

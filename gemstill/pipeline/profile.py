@@ -111,6 +111,9 @@ class EvaluateConfig(BaseModel):
     split: Literal["train", "validation"] = "validation"
     max_sequences: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
+    # a corpus no model trained on (any data source), tokenized with the teacher's tokenizer and scored for the
+    # teacher, student and baseline beside the split: does distillation pay off outside the training domain?
+    out_of_domain: DataConfig | None = None
 
 
 class NightlyConfig(BaseModel):

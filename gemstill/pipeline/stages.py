@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gemstill.data.config import DataConfig
 from gemstill.errors import GemstillError
 from gemstill.pipeline import quant_stages, reasoning_stages, student_stages, teacher_stages
 from gemstill.pipeline.context import StageContext
@@ -73,7 +74,15 @@ BUILTIN.update(
         ),
         "evaluate": StageTask(
             fn=student_stages.evaluate_stage,
-            reads=("teacher", "evaluate", "quantize", "qat.formats", "precision", "_teacher_identity"),
+            reads=(
+                "teacher",
+                "evaluate",
+                "quantize",
+                "qat.formats",
+                "precision",
+                "_teacher_identity",
+                "_out_of_domain_identity",
+            ),
         ),
         "evaluate_reasoning": StageTask(
             fn=reasoning_stages.evaluate_reasoning_stage,
@@ -112,7 +121,16 @@ BUILTIN.update(
 
 # derived values a key may hash besides profile sections
 def _data_identity(profile: Profile) -> Any:
-    """What the data is besides its settings: the data files' contents in the order they are read (with their
+    return corpus_identity(profile.data)
+
+
+def _out_of_domain_identity(profile: Profile) -> Any:
+    corpus = profile.evaluate.out_of_domain
+    return corpus_identity(corpus) if corpus is not None else None
+
+
+def corpus_identity(data: DataConfig) -> Any:
+    """What a corpus is besides its settings: the data files' contents in the order they are read (with their
     extension, which picks the reader), never their paths; the Python version for the stdlib docstring corpus."""
     import platform
 
@@ -120,7 +138,6 @@ def _data_identity(profile: Profile) -> Any:
     from gemstill.fingerprint import cached_file_sha256
     from gemstill.loading import cache_root
 
-    data = profile.data
     if data.source == "python-docs":
         return platform.python_version()
     if data.source == "files" and data.files is not None:
@@ -141,6 +158,8 @@ def hashed_profile(profile: Profile) -> dict[str, Any]:
     dumped = profile.model_dump(mode="json")
     if dumped["data"].get("files"):
         dumped["data"]["files"]["paths"] = "by content: _data_identity"
+    if (dumped["evaluate"].get("out_of_domain") or {}).get("files"):
+        dumped["evaluate"]["out_of_domain"]["files"]["paths"] = "by content: _out_of_domain_identity"
     model = profile.teacher.model
     if model and (scheme := parse_spec(model)[0]) != "alias":
         dumped["teacher"]["model"] = f"{scheme}:by content: _teacher_identity"
@@ -162,6 +181,7 @@ def _problem_files(profile: Profile) -> Any:
 DERIVED: dict[str, Callable[[Profile], Any]] = {
     "_teacher_identity": teacher_identity,
     "_data_identity": _data_identity,
+    "_out_of_domain_identity": _out_of_domain_identity,
     "_problem_files": _problem_files,
 }
 

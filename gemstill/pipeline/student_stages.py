@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.mesh import profile_mesh
-from gemstill.pipeline.profile import Profile
+from gemstill.pipeline.profile import EvaluateConfig, Profile
 from gemstill.pipeline.teacher import load_teacher, teacher_config
+
+if TYPE_CHECKING:
+    from gemstill.distill.evaluate import Candidate
 
 
 def student_config(profile: Profile, teacher: Gemma3Config) -> Gemma3Config:
@@ -212,8 +215,9 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         config, params, _ = load_checkpoint(spec)
         stored = deployed_bytes(config, fmt, ctx.profile.quantize.embedding)
         candidates.append(Candidate(name, config, params, stored))
+    teacher_candidate = Candidate("teacher", teacher.config, to_flat(teacher.model))
     rows = evaluate_models(
-        Candidate("teacher", teacher.config, to_flat(teacher.model)),
+        teacher_candidate,
         candidates,
         ctx.input("prepare_data"),
         split=settings.split,
@@ -223,15 +227,10 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     )
     by_name = {row["model"]: row for row in rows}
     notes = [f"Split: {settings.split}, {rows[0]['tokens']} target tokens. KL is exact (full vocabulary)."]
-    if "student" in by_name and "baseline" in by_name:
-        s, b = by_name["student"], by_name["baseline"]
-        verdict = (
-            "beats" if s["val_nll"] < b["val_nll"] and s["kl_to_teacher"] < b["kl_to_teacher"] else "does not beat"
-        )
-        notes.append(
-            f"The distilled student {verdict} the cross-entropy baseline: NLL {s['val_nll']:.4f} vs "
-            f"{b['val_nll']:.4f}, KL {s['kl_to_teacher']:.4f} vs {b['kl_to_teacher']:.4f}."
-        )
+    notes += versus_baseline(by_name, "val_nll", "kl_to_teacher", "")
+    if settings.out_of_domain is not None:
+        unquantized = [c for c in candidates if c.name in ("student", "baseline")]
+        notes += _score_out_of_domain(ctx, settings, teacher_candidate, unquantized, by_name)
     notes += qat_recovery(rows)
     out: Path = ctx.workdir
     atomic_write_bytes(out / "report.json", json.dumps({"profile": ctx.profile.name, "rows": rows}, indent=2).encode())
@@ -240,7 +239,52 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     atomic_write_bytes(out / "report.md", report_markdown(f"gemstill report: {ctx.profile.name}", rows, notes).encode())
     for note in notes:
         ctx.log(f"evaluate: {note}")
-    return {f"{row['model']}_{key}": row[key] for row in rows for key in ("val_nll", "kl_to_teacher")}
+    keys = ("val_nll", "kl_to_teacher", "ood_nll", "ood_kl_to_teacher")
+    return {f"{row['model']}_{key}": row[key] for row in rows for key in keys if key in row}
+
+
+def versus_baseline(by_name: dict[str, dict[str, Any]], nll: str, kl: str, where: str) -> list[str]:
+    """The note saying whether the distilled student beats the cross-entropy baseline in both NLL and KL."""
+    if "student" not in by_name or "baseline" not in by_name:
+        return []
+    s, b = by_name["student"], by_name["baseline"]
+    verdict = "beats" if s[nll] < b[nll] and s[kl] < b[kl] else "does not beat"
+    return [
+        f"The distilled student {verdict} the cross-entropy baseline{where}: NLL {s[nll]:.4f} vs {b[nll]:.4f}, "
+        f"KL {s[kl]:.4f} vs {b[kl]:.4f}."
+    ]
+
+
+def _score_out_of_domain(
+    ctx: StageContext,
+    settings: EvaluateConfig,
+    teacher: Candidate,
+    candidates: list[Candidate],
+    by_name: dict[str, dict[str, Any]],
+) -> list[str]:
+    """Score the teacher and `candidates` on evaluate.out_of_domain, prepared with the data's tokenizer; the
+    results go on their rows as ood_nll / ood_kl_to_teacher."""
+    from gemstill.data.prepare import prepare_scoring_corpus
+    from gemstill.distill.evaluate import evaluate_models
+    from gemstill.tokenizer import Tokenizer
+
+    corpus = settings.out_of_domain
+    out = ctx.workdir / "out_of_domain"
+    tokenizer = Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
+    stats = prepare_scoring_corpus(corpus, tokenizer, out)
+    ctx.log(f"evaluate: out-of-domain corpus ({corpus.source}): {stats}")
+    rows = evaluate_models(
+        teacher,
+        candidates,
+        out,
+        batch_size=settings.batch_size,
+        max_sequences=settings.max_sequences,
+        progress=ctx.log,
+    )
+    for row in rows:
+        by_name[row["model"]].update(ood_nll=row["val_nll"], ood_kl_to_teacher=row["kl_to_teacher"])
+    where = f" out of domain ({corpus.source}, {rows[0]['tokens']} target tokens it never trained on)"
+    return versus_baseline(by_name, "ood_nll", "ood_kl_to_teacher", where)
 
 
 def qat_recovery(rows: list[dict[str, Any]]) -> list[str]:
