@@ -39,7 +39,6 @@ from gemstill.data.format import read_split, write_split
 from gemstill.data.python_docs import stdlib_documents
 from gemstill.loading import LoadedModel, load_model, load_tokenizer
 from gemstill.model import build_model
-from gemstill.pretrain import masked_cross_entropy
 from gemstill.teacher_cache.compute import CHUNK
 from gemstill.teacher_cache.config import TeacherCacheConfig
 from gemstill.teacher_cache.reader import TeacherCacheReader
@@ -128,6 +127,12 @@ def fresh_builds(build: Callable[..., dict[str, Any]], config: TeacherCacheConfi
 def train_rate(teacher: LoadedModel, data: dict[str, np.ndarray], rows: int) -> float:
     """Tokens/s of a fwd+bwd cross-entropy step with the teacher standing in for the student (a real one is smaller)."""
     graphdef, state = nnx.split(teacher.model)
+
+    def masked_cross_entropy(logits, tokens, loss_mask):  # from full logits: the unfused reference step
+        logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+        weights = loss_mask[:, 1:].astype(jnp.float32)
+        return -(picked * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
     def loss(state, tokens, positions, segment_ids, loss_mask):
         model = nnx.merge(graphdef, state)
