@@ -49,8 +49,11 @@ def _run(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def widest_ffn(config: Gemma3Config, budget: int, multiple: int = 8) -> int:
-    """The largest FFN width (a multiple of `multiple`) at which `config` has at most `budget` parameters."""
+def widest_ffn(config: Gemma3Config, budget: int, multiple: int = 32) -> int:
+    """The largest FFN width at which `config` has at most `budget` parameters.
+
+    The width is a multiple of `multiple`; 32 fits the Q8_0 and Q4_0 blocks.
+    """
     per_unit = (
         count_params(config.replace(hidden_dim=2 * multiple))["total"]
         - count_params(config.replace(hidden_dim=multiple))["total"]
@@ -60,8 +63,8 @@ def widest_ffn(config: Gemma3Config, budget: int, multiple: int = 8) -> int:
 
 
 def _stage_dir(plan, name: str) -> Path:
-    """A stage's committed directory in a local store (the benchmark reads its artifacts)."""
-    return Path(plan.store.root) / name / plan.stages[name].key
+    """A local copy of a committed stage's directory (fetched and checksummed when the store is remote)."""
+    return plan.store.fetch(name, plan.stages[name].key)
 
 
 def _sets(overrides: dict[str, str]) -> list[str]:

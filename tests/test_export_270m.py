@@ -1,8 +1,10 @@
 """The real Gemma 3 270M exported by gemstill, run by the independent references.
 
 - HF: `gemstill export --format hf`, then transformers' `AutoModelForCausalLM.from_pretrained(dir)` and
-  `AutoTokenizer.from_pretrained(dir)` with no extra arguments: fp32 log-probs equal gemstill's to 1e-4 (measured
-  6e-5), token ids and the chat template identical.
+  `AutoTokenizer.from_pretrained(dir)` with no extra arguments: fp32 log-probs equal gemstill's to 1e-3, token ids
+  and the chat template identical. Measured 6e-5 on one CPU; 18 float32 blocks and a 262k-way log-softmax, summed
+  in orders that XLA and torch pick per CPU, went past 1e-4 on another. A real export bug (a transposed matrix, a
+  norm off by one, a wrong RoPE base) moves log-probs by whole nats.
 - GGUF: llama.cpp (llama-cpp-python) loads the f32, q8_0 and q4_0 exports; its per-token log-probs match
   gemstill's scoring of the same file (weights kept packed). Tolerances, from measurements on these prompts:
   f32 max |delta| < 0.02 (measured 0.003: summation order only); q8_0 and q4_0 median < 0.05 and max < 1.0
@@ -86,7 +88,8 @@ def test_transformers_loads_the_hf_export(exported):
         with torch.no_grad():
             logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
         expected = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
-        assert np.abs(Scorer(ours.model).logprobs([ids])[0] - expected).max() < 1e-4
+        worst = np.abs(Scorer(ours.model).logprobs([ids])[0] - expected).max()
+        assert worst < 1e-3, (text, worst)
     messages = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": " What is JAX? "},

@@ -46,7 +46,10 @@ def test_cached_decoding_equals_full_recomputation(model, prompt_len):
         out = model(tokens[:, t : t + 1], cache=cache)
         cache = out.cache
         stepped.append(np.asarray(out.logits[:, -1]))
-    np.testing.assert_allclose(np.stack(stepped, 1), full[:, prompt_len - 1 : total - 1], atol=2e-5, rtol=1e-5)
+    # float32 logits of size ~10 from random weights: the cached and the full path sum in different orders, and
+    # how XLA vectorizes them differs between CPUs (measured 7e-6 here); a cache bug (a wrong ring slot, a stale
+    # position) moves logits by whole units
+    np.testing.assert_allclose(np.stack(stepped, 1), full[:, prompt_len - 1 : total - 1], atol=2e-4, rtol=1e-5)
 
 
 def test_left_padded_batch_equals_single_prompts(model):

@@ -72,10 +72,11 @@ def test_a_failing_refresh_leaves_the_previous_artifact_intact(workspace, monkey
     assert plan.state("double") == "done"
     assert _doubled(profile) == good  # same bytes, checksums verified
     monkeypatch.delenv("GEMSTILL_TEST_FAIL")
+    before_refresh = time.time()
     _run_all(profile, refresh={"double"})
     assert _doubled(profile) == good  # recomputed (same inputs, same result) and swapped in
     manifest = plan.store.manifest("double", plan.stages["double"].key)
-    assert manifest["finished_at"] > time.time() - 60
+    assert manifest["started_at"] >= before_refresh  # the committed run is the refresh, however slow the machine
     if store == "local":
         names = sorted(p.name for p in (workspace / "store" / "double").iterdir())
         assert names == [plan.stages["double"].key]  # no .refresh, .old or .lease left behind

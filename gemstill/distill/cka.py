@@ -78,10 +78,11 @@ def _hidden_states(
     return out.hidden_states
 
 
-def _checked(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def calibration_arrays(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A calibration batch's tokens, positions and segment ids as int32 (a clear error when one is missing)."""
     missing = [name for name in ("tokens", "positions", "segment_ids") if name not in batch]
     if missing:
-        raise GemstillError(f"CKA sample batch lacks {missing}; pass rows of a prepared split (read_split)")
+        raise GemstillError(f"calibration batch lacks {missing}; pass rows of a prepared split (read_split)")
     return {name: np.asarray(batch[name], np.int32) for name in ("tokens", "positions", "segment_ids")}
 
 
@@ -104,7 +105,7 @@ def sampled_hidden_states(
     When the batches hold more than `max_tokens` real tokens, a fixed-seed random subset of that size is used,
     so the result depends on the data only, not on how it was batched.
     """
-    batches = [_checked(b) for b in batches]
+    batches = [calibration_arrays(b) for b in batches]
     real = [b["segment_ids"].reshape(-1) > 0 for b in batches]
     total = int(sum(r.sum() for r in real))
     if total < 2:

@@ -159,13 +159,13 @@ def init_student_from_teacher(
         raise GemstillError("student init: a student layer appears in two pairs; each copies one teacher layer")
     params = dict(to_flat(build_model(student_config, seed)))
     dtype = student_config.jnp_param_dtype
-    copies = {"embedding": "embedding", "final_norm.scale": "final_norm.scale"}
+    # (student name, teacher name, teacher block or None): the block says whose kept FFN units apply
+    copies = [("embedding", "embedding", None), ("final_norm.scale", "final_norm.scale", None)]
     for s, t in mapping_pairs:
-        copies.update({f"layers.{s}.{name}": f"layers.{t}.{name}" for name in LAYER_PARAMS})
+        copies += [(f"layers.{s}.{name}", f"layers.{t}.{name}", t) for name in LAYER_PARAMS]
     units = _unit_indices(student_config, teacher_config, mapping_pairs, projection, ffn_units)
-    for target, source in copies.items():
+    for target, source, block in copies:
         value = teacher_flat[source]
-        block = int(source.split(".")[1]) if source.startswith("layers.") else None
         if block in units and source.endswith((".mlp.gate", ".mlp.up")):
             value = jnp.take(jnp.asarray(value), units[block], axis=1)
         elif block in units and source.endswith(".mlp.down"):

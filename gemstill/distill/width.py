@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemstill.distill.cka import calibration_arrays
 from gemstill.distill.layer_map import LayerMap
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3, weight
@@ -45,9 +46,7 @@ def ffn_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -
     graphdef, state = nnx.split(model)
     total, count = None, 0
     for batch in batches:
-        arrays = {
-            name: jnp.asarray(np.asarray(batch[name], np.int32)) for name in ("tokens", "positions", "segment_ids")
-        }
+        arrays = {name: jnp.asarray(a) for name, a in calibration_arrays(batch).items()}
         sums = np.asarray(_unit_sums(graphdef, state, arrays["tokens"], arrays["positions"], arrays["segment_ids"]))
         total = sums if total is None else total + sums
         count += int(np.sum(np.asarray(batch["segment_ids"]) > 0))
