@@ -143,6 +143,23 @@ class Attention(nnx.Module):
         segments: jax.Array | None = None,
         attention_impl: str | None = None,
     ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
+        out, new_cache, head_probs = self.head_values(
+            x, positions, key_positions, cache, cache_start, return_probs, segments, attention_impl
+        )
+        return jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, x.dtype)), new_cache, head_probs
+
+    def head_values(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        key_positions: jax.Array,
+        cache: LayerCache | None,
+        cache_start: jax.Array | None,
+        return_probs: bool,
+        segments: jax.Array | None = None,
+        attention_impl: str | None = None,
+    ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
+        """Each query head's attended values [B, T, heads, head_dim], before o_proj mixes them into the stream."""
         dtype = x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, weight(self.q_proj, dtype))
         k = jnp.einsum("btd,dkh->btkh", x, weight(self.k_proj, dtype))
@@ -173,7 +190,7 @@ class Attention(nnx.Module):
                 softcap=self.softcap,
                 implementation=attention_impl,
             )
-            return jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, dtype)), None, None
+            return out, None, None
         kv_heads = keys.shape[2]
         grouped = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
         logits = jnp.einsum("btkgh,bskh->bkgts", grouped, keys, preferred_element_type=jnp.float32)
@@ -183,7 +200,6 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), values).reshape(batch, steps, heads, head_dim)
-        out = jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, dtype))
         head_probs = probs.reshape(batch, heads, steps, -1) if return_probs else None
         return out, new_cache, head_probs
 

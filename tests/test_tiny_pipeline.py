@@ -177,14 +177,22 @@ def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_t
     shutil.copytree(
         stage_dir(reference, "teacher_cache"), store / "teacher_cache" / stage_dir(reference, "teacher_cache").name
     )
-    trained = gemstill(
-        "run", "tiny", "--store", str(store), *half, "--set", "student.projection=importance",
-        "--set", "training.steps=4", "--only", "train_student",
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    # the student trained also keeps 2 of the teacher's 4 query heads (one key/value head: any 2), by importance
+    narrow = (*half, "--set", "student.architecture.num_heads=2", "--set", "student.projection=importance")
+    for stage in ("layer_map", "train_student"):
+        result = gemstill("run", "tiny", "--store", str(store), *narrow, "--set", "training.steps=4", "--only", stage)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (layer_map,) = [
+        json.loads(p.read_text())
+        for p in store.glob("layer_map/*/layer_map.json")
+        if json.loads(p.read_text())["heads"]
+    ]
+    assert sorted(layer_map["heads"]) == sorted(str(t) for _, t in layer_map["pairs"])
+    assert all(len(heads) == 2 == len(set(heads)) for heads in layer_map["heads"].values())
     (metrics,) = [json.loads(p.read_text())["metrics"] for p in store.glob("train_student/*/manifest.json")]
-    # embedding 512 x 96, two blocks of 23,040 attention + 55,296 FFN (3 x 96 x 192) + 432 norm weights, final norm
-    assert metrics["student_parameters"] == 49_152 + 2 * (23_040 + 55_296 + 432) + 96
+    # embedding 512 x 96, two blocks of 13,824 attention (q and o 96 x 2 x 24, k and v 96 x 24) + 55,296 FFN
+    # (3 x 96 x 192) + 432 norm weights, final norm
+    assert metrics["student_parameters"] == 49_152 + 2 * (13_824 + 55_296 + 432) + 96
 
 
 def test_cache_stats(full_run):

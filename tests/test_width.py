@@ -1,9 +1,14 @@
-"""Width pruning by measurement (gemstill.distill.width): FFN unit importance and the narrower student it builds.
+"""Width pruning by measurement (gemstill.distill.width): FFN unit and query-head importance and the narrower
+student it builds.
 
 - The importance E|a_i| * ||down_i|| equals the one computed from transformers' own FFN activations (a forward
   hook on each layer's down_proj input) on the same random weights: rtol 1e-4.
 - A student keeping every block and each block's chosen units computes exactly what the teacher computes with the
   other units' down rows zeroed (float32, atol 1e-5): the pruning removes those units and nothing else.
+- Head importance E||v_n W_o[n]|| equals the one computed from transformers' own attention values (a forward hook
+  on each layer's o_proj input, times its o_proj columns): rtol 1e-4. A student keeping the chosen heads computes
+  exactly what the teacher computes with the other heads' o_proj rows zeroed (atol 1e-5), and every key/value
+  group keeps as many heads as the others.
 - Keeping every unit copies the teacher exactly; bad unit lists and unsupported narrowings are one-line errors.
 """
 
@@ -19,7 +24,14 @@ from transformers import AutoModelForCausalLM
 from gemstill.checkpoints.hf import save_hf
 from gemstill.distill.layer_map import LayerMap
 from gemstill.distill.student_init import init_student_from_teacher
-from gemstill.distill.width import ffn_importance, kept_units, with_ffn_units
+from gemstill.distill.width import (
+    ffn_importance,
+    head_importance,
+    kept_heads,
+    kept_units,
+    with_ffn_units,
+    with_kept_heads,
+)
 from gemstill.errors import GemstillError
 from gemstill.model import build_model
 from gemstill.params import check_flat, from_flat, to_flat
@@ -127,7 +139,11 @@ def test_kept_units_take_the_largest_and_break_ties_low():
         ({"hidden_dim": 24}, None, r"no FFN units chosen for teacher block\(s\) \[0, 1\]; re-run the layer_map stage"),
         ({"hidden_dim": 24}, {0: list(range(23)), 1: list(range(24))}, "teacher block 0 keeps 23 FFN units, need 24"),
         ({"hidden_dim": 24}, {0: [0] * 24, 1: list(range(24))}, "need 24 distinct ones below 128"),
-        ({"hidden_dim": 24, "embed_dim": 16}, None, r"prunes FFN units only, .* embed_dim 16 < 64; keep those widths"),
+        (
+            {"hidden_dim": 24, "embed_dim": 16},
+            None,
+            r"prunes FFN units and query heads only, .* embed_dim 16 < 64; keep those",
+        ),
     ],
 )
 def test_bad_ffn_units_are_refused(changes, units, message):
@@ -181,3 +197,73 @@ def test_init_nll_scores_each_distinct_student_once(tmp_path, monkeypatch):
         assert nll[name] == pytest.approx(rows[1]["val_nll"], rel=1e-6) and nll["teacher"] == pytest.approx(
             rows[0]["val_nll"], rel=1e-6
         )
+
+
+def test_head_importance_matches_transformers_attention_values(tmp_path):
+    flat = _random_teacher(seed=7)
+    save_hf(tmp_path / "hf", TINY, flat)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    captured: dict[int, torch.Tensor] = {}
+    for index, layer in enumerate(reference.model.layers):
+        layer.self_attn.o_proj.register_forward_hook(lambda _m, args, _out, i=index: captured.__setitem__(i, args[0]))
+    batch = _batch()
+    real = batch["segment_ids"] > 0
+    heads, head_dim = TINY.num_heads, TINY.head_dim
+    per_layer: dict[int, list[torch.Tensor]] = {i: [] for i in range(TINY.num_layers)}
+    with torch.no_grad():  # each row alone, unpadded
+        for row in range(2):
+            reference(torch.tensor(batch["tokens"][row : row + 1, : int(real[row].sum())], dtype=torch.long))
+            for i, layer in enumerate(reference.model.layers):
+                values = captured[i][0].reshape(-1, heads, head_dim)  # [T, heads, head_dim]
+                columns = layer.self_attn.o_proj.weight.reshape(TINY.embed_dim, heads, head_dim)
+                per_layer[i].append(torch.einsum("tnh,dnh->tnd", values, columns).norm(dim=-1))
+    expected = np.stack([torch.cat(per_layer[i]).mean(0).numpy() for i in range(TINY.num_layers)])
+    importance = head_importance(from_flat(TINY, flat), [batch])
+    assert importance.shape == (TINY.num_layers, TINY.num_heads)
+    np.testing.assert_allclose(importance, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_head_pruned_student_is_the_teacher_without_the_dropped_heads():
+    flat = _random_teacher(seed=9)
+    teacher = from_flat(TINY, flat)
+    importance = head_importance(teacher, [_batch()])
+    pairs = [(i, i) for i in range(TINY.num_layers)]
+    every = LayerMap(strategy="uniform", pairs=pairs, student_layers=TINY.num_layers, teacher_layers=TINY.num_layers)
+    layer_map = with_kept_heads(every, importance, 2, TINY.num_kv_heads)  # 2 of 4 heads, one per kv group
+    student_config = TINY.replace(num_heads=2, hidden_dim=24)
+    units = with_ffn_units(every, ffn_importance(teacher, [_batch()]), 24).ffn_units  # both prunings at once
+    init = init_student_from_teacher(
+        student_config, TINY, flat, pairs, 0, "importance", ffn_units=units, heads=layer_map.heads
+    )
+    check_flat(student_config, init.params, "student")
+    masked = dict(flat)
+    for t, kept in layer_map.heads.items():
+        assert [h // 2 for h in kept] == [0, 1]  # one head from each key/value group
+        o_proj = np.array(flat[f"layers.{t}.attn.o_proj"])
+        o_proj[[h for h in range(TINY.num_heads) if h not in kept]] = 0.0
+        masked[f"layers.{t}.attn.o_proj"] = o_proj
+        down = np.array(flat[f"layers.{t}.mlp.down"])
+        down[[u for u in range(TINY.hidden_dim) if u not in units[t]]] = 0.0
+        masked[f"layers.{t}.mlp.down"] = down
+    tokens = jnp.asarray(_batch()["tokens"])
+    ours = np.asarray(from_flat(student_config, init.params)(tokens).logits)
+    np.testing.assert_allclose(ours, np.asarray(from_flat(TINY, masked)(tokens).logits), atol=1e-5)
+    assert np.abs(ours - np.asarray(teacher(tokens).logits)).max() > 1e-2
+    assert LayerMap.from_json(layer_map.to_json()).heads == layer_map.heads
+
+
+def test_kept_heads_keep_each_group_whole_and_refuse_bad_counts():
+    # heads 0 and 1 share kv head 0, heads 2 and 3 kv head 1: the two best (0, 1) are in one group
+    assert kept_heads(np.array([5.0, 4.0, 1.0, 2.0]), 2, 2) == [0, 3]
+    assert kept_heads(np.array([5.0, 4.0, 1.0, 2.0]), 2, 1) == [0, 1]
+    with pytest.raises(GemstillError, match="multiple of 2"):
+        kept_heads(np.ones(4), 3, 2)
+    flat = _random_teacher(seed=1)
+    pairs = [(i, i) for i in range(TINY.num_layers)]
+    bad = {t: [0, 1] for t in range(TINY.num_layers)}  # both from kv group 0
+    with pytest.raises(GemstillError, match="as many from each"):
+        init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance", heads=bad)
+    with pytest.raises(GemstillError, match="no query heads chosen"):
+        init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance")

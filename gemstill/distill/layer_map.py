@@ -170,6 +170,8 @@ class LayerMap(BaseModel):
     angular_distance: list[list[float]] | None = None  # angular: [T + 1, T + 1] between hidden states
     # student.projection importance: per copied teacher block, the FFN units (ascending) its narrower copy keeps
     ffn_units: dict[int, list[int]] | None = None
+    # and the query heads (ascending) its copy keeps when the student has fewer heads
+    heads: dict[int, list[int]] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)

@@ -7,7 +7,8 @@ Widths must match, unless projection="truncate": then each copied tensor keeps i
 axis (the first embed_dim dims, hidden units, heads, kv heads and head dims). That is a simple, explicit
 projection, not a learned one; with grouped-query attention it also regroups query heads onto kv heads.
 With projection="importance" a narrower hidden_dim keeps, per copied block, the FFN units measured to matter
-most (gemstill.distill.width); every other width must equal the teacher's.
+most, and fewer num_heads the query heads measured to matter most (gemstill.distill.width); every other width
+must equal the teacher's.
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
             f"student layers narrower than the teacher's ({', '.join(narrower.values())}); set student.init: random "
             "or configure student.projection: importance (FFN units) or truncate"
         )
-    other = [text for name, text in narrower.items() if name != "hidden_dim"]
+    other = [text for name, text in narrower.items() if name not in ("hidden_dim", "num_heads")]
     if other and projection == "importance":
         raise GemstillError(
-            f"student.projection: importance prunes FFN units only, but the student is also narrower in "
-            f"{', '.join(other)}; keep those widths equal to the teacher's or use projection: truncate"
+            f"student.projection: importance prunes FFN units and query heads only, but the student is also "
+            f"narrower in {', '.join(other)}; keep those widths equal to the teacher's or use projection: truncate"
         )
 
 
@@ -105,6 +106,42 @@ def _unit_indices(
     return {t: jnp.asarray(units, jnp.int32) for t, units in chosen.items()}
 
 
+def _head_indices(
+    student: Gemma3Config,
+    teacher: Gemma3Config,
+    pairs: Sequence[tuple[int, int]],
+    projection: Projection,
+    heads: Mapping[int, Sequence[int]] | None,
+) -> dict[int, jax.Array]:
+    """Per copied teacher block, the query heads its student copy keeps (empty unless projection="importance")."""
+    if projection != "importance":
+        if heads:
+            raise GemstillError("student init: query heads were chosen but student.projection is not importance")
+        return {}
+    chosen = {int(t): list(h) for t, h in (heads or {}).items()}
+    missing = sorted({t for _, t in pairs if t not in chosen})
+    if missing and student.num_heads != teacher.num_heads:
+        raise GemstillError(
+            f"student init: no query heads chosen for teacher block(s) {missing}; re-run the layer_map stage "
+            "(gemstill run PROFILE --refresh layer_map)"
+        )
+    group = teacher.num_heads // teacher.num_kv_heads
+    for t, kept in chosen.items():
+        per_group = [sum(1 for h in kept if h // group == g) for g in range(teacher.num_kv_heads)]
+        if (
+            len(kept) != student.num_heads
+            or len(set(kept)) != len(kept)
+            or not all(0 <= h < teacher.num_heads for h in kept)
+            or len(set(per_group)) != 1
+        ):
+            raise GemstillError(
+                f"student init: teacher block {t} keeps query heads {kept}, need {student.num_heads} distinct ones "
+                f"below {teacher.num_heads}, as many from each of its {teacher.num_kv_heads} key/value groups; "
+                "re-run the layer_map stage"
+            )
+    return {t: jnp.asarray(sorted(kept), jnp.int32) for t, kept in chosen.items()}
+
+
 def _kind(window: int | None) -> str:
     return "global" if window is None else f"sliding-window ({window})"
 
@@ -140,12 +177,14 @@ def init_student_from_teacher(
     seed: int,
     projection: Projection = "none",
     ffn_units: Mapping[int, Sequence[int]] | None = None,
+    heads: Mapping[int, Sequence[int]] | None = None,
 ) -> StudentInit:
     """A random student (build_model(student_config, seed)) with the teacher's embedding, final norm and mapped blocks.
 
     Each (student s, teacher t) pair copies every parameter of teacher block t into student block s. With
     projection="importance", `ffn_units` names per teacher block t the hidden units its copy keeps (gate and up
-    columns, down rows); teacher blocks it does not name keep all of them (the widths then must match).
+    columns, down rows) and `heads` the query heads it keeps (q_proj heads, o_proj rows); teacher blocks they do
+    not name keep all of them (the widths then must match).
     """
     check_widths(student_config, teacher_config, projection)
     check_flat(teacher_config, teacher_flat, "teacher parameters")
@@ -164,11 +203,19 @@ def init_student_from_teacher(
     for s, t in mapping_pairs:
         copies += [(f"layers.{s}.{name}", f"layers.{t}.{name}", t) for name in LAYER_PARAMS]
     units = _unit_indices(student_config, teacher_config, mapping_pairs, projection, ffn_units)
+    kept_heads = _head_indices(student_config, teacher_config, mapping_pairs, projection, heads)
+    # (parameter suffix, axis it is indexed on, the chosen indices per teacher block)
+    selections = [
+        (".mlp.gate", 1, units),
+        (".mlp.up", 1, units),
+        (".mlp.down", 0, units),
+        (".attn.q_proj", 1, kept_heads),
+        (".attn.o_proj", 0, kept_heads),
+    ]
     for target, source, block in copies:
         value = teacher_flat[source]
-        if block in units and source.endswith((".mlp.gate", ".mlp.up")):
-            value = jnp.take(jnp.asarray(value), units[block], axis=1)
-        elif block in units and source.endswith(".mlp.down"):
-            value = jnp.take(jnp.asarray(value), units[block], axis=0)
+        for suffix, axis, chosen in selections:
+            if block in chosen and source.endswith(suffix):
+                value = jnp.take(jnp.asarray(value), chosen[block], axis=axis)
         params[target] = _fit(value, params[target].shape, dtype)
     return StudentInit(params=params, notes=_window_notes(student_config, teacher_config, mapping_pairs))

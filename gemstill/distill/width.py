@@ -1,4 +1,5 @@
-"""Width pruning by measurement: which feed-forward units of a teacher block a narrower student keeps.
+"""Width pruning by measurement: which feed-forward units and attention heads of a teacher block a narrower
+student keeps.
 
 Minitron (Muralidharan et al. 2024) found that pruning width (FFN units, heads, embedding channels) by
 activation importance beats dropping whole blocks. Here the FFN units: a unit's importance in block t is its
@@ -6,6 +7,10 @@ mean contribution to the block's output, E|a_i| * ||down_i|| over the real calib
 gelu_tanh(gate_i . x) * (up_i . x) and down_i the row of the down projection that carries it to the residual
 stream. A unit that is rarely active, or whose output row is small, changes the stream little; the student keeps
 the `hidden_dim` units with the largest importance (in the teacher's order, so a full width copies exactly).
+
+A query head's importance is the mean L2 norm of what it adds to the attention output, ||v_n W_o[n]|| over the
+real tokens (Minitron's head score). Heads that share a key/value head form a group; every group keeps the same
+number of heads (the most important of that group), so the student's grouped-query layout stays valid.
 """
 
 from __future__ import annotations
@@ -41,21 +46,77 @@ def _unit_sums(
     return jnp.stack(sums)
 
 
-def ffn_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
-    """[T, F] importance of every FFN unit of every block: E|a_i| over real tokens times ||down_i||."""
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _head_sums(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """[T, N] sum over the batch's real tokens of each query head's contribution norm (the model's own states)."""
+    model = nnx.merge(graphdef, state)
+    mask = segment_ids > 0
+    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
+    key_positions = jnp.where(mask, positions, -1).astype(jnp.int32)
+    sums = []
+    for block, x in zip(model.layers, out.hidden_states[:-1], strict=True):
+        values, _, _ = block.attn.head_values(
+            block.pre_attn_norm(x), positions, key_positions, None, None, False, segment_ids
+        )
+        added = jnp.einsum("btnh,nhd->btnd", values, weight(block.attn.o_proj, values.dtype))
+        norms = jnp.linalg.norm(added.astype(jnp.float32), axis=-1)
+        sums.append(jnp.sum(jnp.where(mask[..., None], norms, 0.0), axis=(0, 1)))
+    return jnp.stack(sums)
+
+
+def _token_mean(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], sums_of) -> np.ndarray:
+    """The per-token mean of `sums_of(graphdef, state, tokens, positions, segment_ids)` over the real tokens."""
     graphdef, state = nnx.split(model)
     total, count = None, 0
     for batch in batches:
         arrays = {name: jnp.asarray(a) for name, a in calibration_arrays(batch).items()}
-        sums = np.asarray(_unit_sums(graphdef, state, arrays["tokens"], arrays["positions"], arrays["segment_ids"]))
+        sums = np.asarray(sums_of(graphdef, state, arrays["tokens"], arrays["positions"], arrays["segment_ids"]))
         total = sums if total is None else total + sums
         count += int(np.sum(np.asarray(batch["segment_ids"]) > 0))
     if total is None or count == 0:
-        raise GemstillError("FFN importance needs calibration tokens; the sample has none, give more sample sequences")
+        raise GemstillError(
+            "width importance needs calibration tokens; the sample has none: give more sample sequences"
+        )
+    return total / count
+
+
+def head_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """[T, N] importance of every query head of every block: E||v_n W_o[n]|| over real tokens."""
+    return _token_mean(model, batches, _head_sums)
+
+
+def kept_heads(importance: np.ndarray, num_heads: int, num_kv_heads: int) -> list[int]:
+    """The `num_heads` query heads one block keeps, ascending: the same number from each key/value group, the
+    most important of each (ties: the lower index)."""
+    total = importance.shape[-1]
+    if num_heads < 1 or num_heads % num_kv_heads or num_heads > total:
+        raise GemstillError(
+            f"cannot keep {num_heads} of {total} query heads in {num_kv_heads} key/value groups; use a multiple of "
+            f"{num_kv_heads} up to {total}"
+        )
+    group, per_group = total // num_kv_heads, num_heads // num_kv_heads
+    kept = []
+    for g in range(num_kv_heads):
+        members = np.arange(g * group, (g + 1) * group)
+        kept += [int(members[i]) for i in kept_units(importance[members], per_group)]
+    return sorted(kept)
+
+
+def with_kept_heads(layer_map: LayerMap, importance: np.ndarray, num_heads: int, num_kv_heads: int) -> LayerMap:
+    """`layer_map` with, for each teacher block it copies, the query heads its narrower copy keeps."""
+    heads = {t: kept_heads(importance[t], num_heads, num_kv_heads) for _, t in layer_map.pairs}
+    return layer_map.model_copy(update={"heads": heads})
+
+
+def ffn_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """[T, F] importance of every FFN unit of every block: E|a_i| over real tokens times ||down_i||."""
+    mean_units = _token_mean(model, batches, _unit_sums)
     down_norms = np.stack(
         [np.linalg.norm(np.asarray(weight(block.mlp.down, jnp.float32)), axis=-1) for block in model.layers]
     )
-    return (total / count) * down_norms
+    return mean_units * down_norms
 
 
 def kept_units(importance: np.ndarray, width: int) -> list[int]:

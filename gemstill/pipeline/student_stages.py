@@ -47,7 +47,7 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
     from gemstill.distill.cka import sample_batches
     from gemstill.distill.layer_map import MEASURED, make_layer_map
-    from gemstill.distill.width import ffn_importance, with_ffn_units
+    from gemstill.distill.width import ffn_importance, head_importance, with_ffn_units, with_kept_heads
 
     settings = ctx.profile.layer_map
     student_settings = ctx.profile.student
@@ -69,11 +69,21 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
             f"layer_map: each copied block keeps its {student.hidden_dim} of {config.hidden_dim} FFN units that "
             "matter most"
         )
+    heads = None
+    if prune and student.num_heads < config.num_heads:
+        heads = head_importance(model, sample_batches(sample, settings.sample_sequences))
+        layer_map = with_kept_heads(layer_map, heads, student.num_heads, student.num_kv_heads)
+        ctx.log(
+            f"layer_map: each copied block keeps its {student.num_heads} of {config.num_heads} query heads that "
+            "matter most"
+        )
     layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
     metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
     if importance is not None:
         metrics["ffn_units_kept"] = f"{student.hidden_dim}/{config.hidden_dim}"
+    if heads is not None:
+        metrics["heads_kept"] = f"{student.num_heads}/{config.num_heads}"
     if compare:
         from gemstill.distill.init_nll import candidate_maps, init_nll
         from gemstill.fsutil import atomic_write_bytes
@@ -82,6 +92,11 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
         maps = candidate_maps(settings, student.num_layers, model, sample, layer_map)
         if importance is not None:
             maps = {name: with_ffn_units(candidate, importance, student.hidden_dim) for name, candidate in maps.items()}
+        if heads is not None:
+            maps = {
+                name: with_kept_heads(candidate, heads, student.num_heads, student.num_kv_heads)
+                for name, candidate in maps.items()
+            }
         nll = init_nll(
             student,
             config,
@@ -133,6 +148,7 @@ def _student_run(ctx: StageContext, baseline: bool):
             profile.student.seed,
             profile.student.projection,
             layer_map.ffn_units,
+            layer_map.heads,
         )
         params = init.params
         for note in init.notes:
