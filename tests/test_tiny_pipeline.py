@@ -177,8 +177,12 @@ def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_t
     shutil.copytree(
         stage_dir(reference, "teacher_cache"), store / "teacher_cache" / stage_dir(reference, "teacher_cache").name
     )
-    # the student trained also keeps 2 of the teacher's 4 query heads (one key/value head: any 2), by importance
-    narrow = (*half, "--set", "student.architecture.num_heads=2", "--set", "student.projection=importance")
+    # the student trained also keeps 2 of the teacher's 4 query heads (one key/value head: any 2) and 64 of its 96
+    # embedding channels, by importance
+    narrow = (
+        *half, "--set", "student.architecture.num_heads=2", "--set", "student.architecture.embed_dim=64",
+        "--set", "student.projection=importance",
+    )  # fmt: skip
     for stage in ("layer_map", "train_student"):
         result = gemstill("run", "tiny", "--store", str(store), *narrow, "--set", "training.steps=4", "--only", stage)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -189,10 +193,11 @@ def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_t
     ]
     assert sorted(layer_map["heads"]) == sorted(str(t) for _, t in layer_map["pairs"])
     assert all(len(heads) == 2 == len(set(heads)) for heads in layer_map["heads"].values())
+    assert len(layer_map["channels"]) == 64 == len(set(layer_map["channels"]))
     (metrics,) = [json.loads(p.read_text())["metrics"] for p in store.glob("train_student/*/manifest.json")]
-    # embedding 512 x 96, two blocks of 13,824 attention (q and o 96 x 2 x 24, k and v 96 x 24) + 55,296 FFN
-    # (3 x 96 x 192) + 432 norm weights, final norm
-    assert metrics["student_parameters"] == 49_152 + 2 * (13_824 + 55_296 + 432) + 96
+    # embedding 512 x 64, two blocks of 9,216 attention (q and o 64 x 2 x 24, k and v 64 x 24) + 36,864 FFN
+    # (3 x 64 x 192) + 304 norm weights (4 x 64, q and k norms 24 each), final norm
+    assert metrics["student_parameters"] == 32_768 + 2 * (9_216 + 36_864 + 304) + 64
 
 
 def test_cache_stats(full_run):

@@ -9,6 +9,10 @@ student it builds.
   on each layer's o_proj input, times its o_proj columns): rtol 1e-4. A student keeping the chosen heads computes
   exactly what the teacher computes with the other heads' o_proj rows zeroed (atol 1e-5), and every key/value
   group keeps as many heads as the others.
+- Channel importance (mean |output| of every input norm and of the final norm) equals the one read from
+  transformers' own norm outputs: rtol 1e-4. A teacher whose residual stream is zero in some channels, pruned
+  to the others, gives exactly its logits (atol 1e-4: only RMSNorm's epsilon sees the width), which checks the
+  embedding-scale and norm compensation.
 - Keeping every unit copies the teacher exactly; bad unit lists and unsupported narrowings are one-line errors.
 """
 
@@ -25,11 +29,13 @@ from gemstill.checkpoints.hf import save_hf
 from gemstill.distill.layer_map import LayerMap
 from gemstill.distill.student_init import init_student_from_teacher
 from gemstill.distill.width import (
+    channel_importance,
     ffn_importance,
     head_importance,
     kept_heads,
     kept_units,
     with_ffn_units,
+    with_kept_channels,
     with_kept_heads,
 )
 from gemstill.errors import GemstillError
@@ -140,9 +146,9 @@ def test_kept_units_take_the_largest_and_break_ties_low():
         ({"hidden_dim": 24}, {0: list(range(23)), 1: list(range(24))}, "teacher block 0 keeps 23 FFN units, need 24"),
         ({"hidden_dim": 24}, {0: [0] * 24, 1: list(range(24))}, "need 24 distinct ones below 128"),
         (
-            {"hidden_dim": 24, "embed_dim": 16},
+            {"hidden_dim": 24, "head_dim": 8},
             None,
-            r"prunes FFN units and query heads only, .* embed_dim 16 < 64; keep those",
+            r"query heads and embedding channels only, .* head_dim 8 < 16; keep those",
         ),
     ],
 )
@@ -267,3 +273,61 @@ def test_kept_heads_keep_each_group_whole_and_refuse_bad_counts():
         init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance", heads=bad)
     with pytest.raises(GemstillError, match="no query heads chosen"):
         init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance")
+
+
+def test_channel_importance_matches_transformers_norm_outputs(tmp_path):
+    flat = _random_teacher(seed=11)
+    save_hf(tmp_path / "hf", TINY, flat)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    norms = [reference.model.norm]
+    for layer in reference.model.layers:
+        norms += [layer.input_layernorm, layer.pre_feedforward_layernorm]
+    captured: dict[int, torch.Tensor] = {}
+    for index, norm in enumerate(norms):
+        norm.register_forward_hook(lambda _m, _args, out, i=index: captured.__setitem__(i, out[0].abs()))
+    batch = _batch()
+    real = batch["segment_ids"] > 0
+    rows = []
+    with torch.no_grad():  # each row alone, unpadded
+        for row in range(2):
+            reference(torch.tensor(batch["tokens"][row : row + 1, : int(real[row].sum())], dtype=torch.long))
+            rows.append(sum(captured[i] for i in range(len(norms))) / len(norms))
+    expected = torch.cat(rows).mean(0).numpy()
+    importance = channel_importance(from_flat(TINY, flat), [batch])
+    assert importance.shape == (TINY.embed_dim,)
+    np.testing.assert_allclose(importance, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_dropping_dead_embedding_channels_keeps_the_teachers_logits():
+    flat = _random_teacher(seed=13)
+    dead = np.random.default_rng(0).choice(TINY.embed_dim, 16, replace=False)
+    flat["embedding"][:, dead] = 0.0  # nothing writes these channels: the residual stream is zero there
+    for layer in range(TINY.num_layers):
+        flat[f"layers.{layer}.attn.o_proj"][..., dead] = 0.0
+        flat[f"layers.{layer}.mlp.down"][:, dead] = 0.0
+    teacher = from_flat(TINY, flat)
+    importance = channel_importance(teacher, [_batch()])
+    width = TINY.embed_dim - len(dead)
+    pairs = [(i, i) for i in range(TINY.num_layers)]
+    every = LayerMap(strategy="uniform", pairs=pairs, student_layers=TINY.num_layers, teacher_layers=TINY.num_layers)
+    layer_map = with_kept_channels(every, importance, width)
+    assert set(layer_map.channels) == set(range(TINY.embed_dim)) - set(dead.tolist())  # the dead ones score 0
+    student_config = TINY.replace(embed_dim=width)
+    init = init_student_from_teacher(student_config, TINY, flat, pairs, 0, "importance", channels=layer_map.channels)
+    check_flat(student_config, init.params, "student")
+    tokens = jnp.asarray(_batch()["tokens"])
+    ours = np.asarray(from_flat(student_config, init.params)(tokens).logits)
+    np.testing.assert_allclose(ours, np.asarray(teacher(tokens).logits), atol=1e-4)
+    # live channels dropped: the model changes, and the compensation is what kept it equal above
+    fewer = init_student_from_teacher(
+        TINY.replace(embed_dim=width - 8), TINY, flat, pairs, 0, "importance", channels=layer_map.channels[8:]
+    )
+    changed = np.asarray(from_flat(TINY.replace(embed_dim=width - 8), fewer.params)(tokens).logits)
+    assert np.abs(changed - np.asarray(teacher(tokens).logits)).max() > 1e-2
+    assert LayerMap.from_json(layer_map.to_json()).channels == layer_map.channels
+    with pytest.raises(GemstillError, match="need 48 distinct ones below 64"):
+        init_student_from_teacher(student_config, TINY, flat, pairs, 0, "importance", channels=[0] * width)
+    with pytest.raises(GemstillError, match="no embedding channels chosen"):
+        init_student_from_teacher(student_config, TINY, flat, pairs, 0, "importance")

@@ -65,12 +65,14 @@ def init_nll(
 ) -> dict[str, float]:
     """Validation NLL of the teacher and of each map's student at init, on the first `sequences` sequences.
 
-    Maps that copy the same blocks (and FFN units and heads) build the same student: it is scored once and the
+    Maps that copy the same blocks (and FFN units, heads and channels) build the same student: it is scored once and the
     score shared (a student as deep as its teacher gets one map from every strategy)."""
     students, same_as = [], {}
     built: dict[str, str] = {}
     for name, layer_map in maps.items():
-        identity = json.dumps([layer_map.pairs, layer_map.ffn_units, layer_map.heads], sort_keys=True)
+        identity = json.dumps(
+            [layer_map.pairs, layer_map.ffn_units, layer_map.heads, layer_map.channels], sort_keys=True
+        )
         if identity in built:
             same_as[name] = built[identity]
             continue
@@ -78,7 +80,15 @@ def init_nll(
         pairs = [tuple(pair) for pair in layer_map.pairs]
         config = with_teacher_types(student, teacher, pairs) if teacher_types else student
         init = init_student_from_teacher(
-            config, teacher, teacher_flat, pairs, seed, projection, layer_map.ffn_units, layer_map.heads
+            config,
+            teacher,
+            teacher_flat,
+            pairs,
+            seed,
+            projection,
+            layer_map.ffn_units,
+            layer_map.heads,
+            layer_map.channels,
         )
         students.append(Candidate(name=name, config=config, params=init.params))
     rows = evaluate_models(

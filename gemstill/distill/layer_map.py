@@ -172,6 +172,8 @@ class LayerMap(BaseModel):
     ffn_units: dict[int, list[int]] | None = None
     # and the query heads (ascending) its copy keeps when the student has fewer heads
     heads: dict[int, list[int]] | None = None
+    # and the embedding channels (ascending) the whole student keeps when its embed_dim is narrower
+    channels: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(), indent=2)

@@ -7,8 +7,14 @@ Widths must match, unless projection="truncate": then each copied tensor keeps i
 axis (the first embed_dim dims, hidden units, heads, kv heads and head dims). That is a simple, explicit
 projection, not a learned one; with grouped-query attention it also regroups query heads onto kv heads.
 With projection="importance" a narrower hidden_dim keeps, per copied block, the FFN units measured to matter
-most, and fewer num_heads the query heads measured to matter most (gemstill.distill.width); every other width
-must equal the teacher's.
+most, fewer num_heads the query heads measured to matter most, and a narrower embed_dim the embedding channels
+measured to matter most (gemstill.distill.width); head_dim and num_kv_heads must equal the teacher's.
+
+Dropping embedding channels changes two constants of the model: the embedding's scale sqrt(embed_dim) and the
+mean an RMSNorm divides by. The copy compensates both with f = sqrt(teacher embed_dim / student embed_dim): the
+embedding rows are multiplied by f, and the block norms' gains (1 + scale) by f (the final norm's gain is left as
+it is, since the tied LM head reads the embedding already multiplied by f). A student dropping channels that are
+zero everywhere in the teacher's residual stream then computes exactly the teacher's logits.
 """
 
 from __future__ import annotations
@@ -61,11 +67,12 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
             f"student layers narrower than the teacher's ({', '.join(narrower.values())}); set student.init: random "
             "or configure student.projection: importance (FFN units) or truncate"
         )
-    other = [text for name, text in narrower.items() if name not in ("hidden_dim", "num_heads")]
+    other = [text for name, text in narrower.items() if name not in ("hidden_dim", "num_heads", "embed_dim")]
     if other and projection == "importance":
         raise GemstillError(
-            f"student.projection: importance prunes FFN units and query heads only, but the student is also "
-            f"narrower in {', '.join(other)}; keep those widths equal to the teacher's or use projection: truncate"
+            f"student.projection: importance prunes FFN units, query heads and embedding channels only, but the "
+            f"student is also narrower in {', '.join(other)}; keep those widths equal to the teacher's or use "
+            "projection: truncate"
         )
 
 
@@ -142,6 +149,66 @@ def _head_indices(
     return {t: jnp.asarray(sorted(kept), jnp.int32) for t, kept in chosen.items()}
 
 
+def _channel_indices(
+    student: Gemma3Config, teacher: Gemma3Config, projection: Projection, channels: Sequence[int] | None
+) -> jax.Array | None:
+    """The embedding channels the student keeps (None: all of them, unless projection="importance" chose some)."""
+    if projection != "importance":
+        if channels:
+            raise GemstillError("student init: embedding channels were chosen but student.projection is not importance")
+        return None
+    if channels is None:
+        if student.embed_dim != teacher.embed_dim:
+            raise GemstillError(
+                "student init: no embedding channels chosen for a narrower embed_dim; re-run the layer_map stage "
+                "(gemstill run PROFILE --refresh layer_map)"
+            )
+        return None
+    kept = list(channels)
+    if (
+        len(kept) != student.embed_dim
+        or len(set(kept)) != len(kept)
+        or not all(0 <= c < teacher.embed_dim for c in kept)
+    ):
+        raise GemstillError(
+            f"student init: {len(kept)} embedding channels chosen, need {student.embed_dim} distinct ones below "
+            f"{teacher.embed_dim}; re-run the layer_map stage"
+        )
+    return jnp.asarray(sorted(kept), jnp.int32)
+
+
+# the axis of each parameter that runs over the embedding channels
+_CHANNEL_AXIS = {
+    "embedding": 1,
+    "final_norm.scale": 0,
+    "pre_attn_norm.scale": 0,
+    "post_attn_norm.scale": 0,
+    "pre_ffw_norm.scale": 0,
+    "post_ffw_norm.scale": 0,
+    "attn.q_proj": 0,
+    "attn.k_proj": 0,
+    "attn.v_proj": 0,
+    "attn.o_proj": 2,
+    "mlp.gate": 0,
+    "mlp.up": 0,
+    "mlp.down": 1,
+}
+_BLOCK_NORMS = ("pre_attn_norm.scale", "post_attn_norm.scale", "pre_ffw_norm.scale", "post_ffw_norm.scale")
+
+
+def _keep_channels(name: str, value: jax.Array, channels: jax.Array, factor: float) -> jax.Array:
+    """`value` of parameter `name` on the kept embedding channels, with the compensation of the module docstring."""
+    suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    if suffix not in _CHANNEL_AXIS:  # q_norm and k_norm run over head_dim
+        return value
+    value = jnp.take(jnp.asarray(value), channels, axis=_CHANNEL_AXIS[suffix])
+    if suffix == "embedding":
+        return value * factor
+    if suffix in _BLOCK_NORMS:
+        return (1.0 + value.astype(jnp.float32)) * factor - 1.0
+    return value
+
+
 def _kind(window: int | None) -> str:
     return "global" if window is None else f"sliding-window ({window})"
 
@@ -178,13 +245,15 @@ def init_student_from_teacher(
     projection: Projection = "none",
     ffn_units: Mapping[int, Sequence[int]] | None = None,
     heads: Mapping[int, Sequence[int]] | None = None,
+    channels: Sequence[int] | None = None,
 ) -> StudentInit:
     """A random student (build_model(student_config, seed)) with the teacher's embedding, final norm and mapped blocks.
 
     Each (student s, teacher t) pair copies every parameter of teacher block t into student block s. With
     projection="importance", `ffn_units` names per teacher block t the hidden units its copy keeps (gate and up
     columns, down rows) and `heads` the query heads it keeps (q_proj heads, o_proj rows); teacher blocks they do
-    not name keep all of them (the widths then must match).
+    not name keep all of them (the widths then must match). `channels` are the embedding channels every copied
+    tensor keeps (with projection="importance" and a narrower embed_dim).
     """
     check_widths(student_config, teacher_config, projection)
     check_flat(teacher_config, teacher_flat, "teacher parameters")
@@ -204,6 +273,8 @@ def init_student_from_teacher(
         copies += [(f"layers.{s}.{name}", f"layers.{t}.{name}", t) for name in LAYER_PARAMS]
     units = _unit_indices(student_config, teacher_config, mapping_pairs, projection, ffn_units)
     kept_heads = _head_indices(student_config, teacher_config, mapping_pairs, projection, heads)
+    kept_channels = _channel_indices(student_config, teacher_config, projection, channels)
+    factor = (teacher_config.embed_dim / student_config.embed_dim) ** 0.5
     # (parameter suffix, axis it is indexed on, the chosen indices per teacher block)
     selections = [
         (".mlp.gate", 1, units),
@@ -217,5 +288,7 @@ def init_student_from_teacher(
         for suffix, axis, chosen in selections:
             if block in chosen and source.endswith(suffix):
                 value = jnp.take(jnp.asarray(value), chosen[block], axis=axis)
+        if kept_channels is not None:
+            value = _keep_channels(source, value, kept_channels, factor)
         params[target] = _fit(value, params[target].shape, dtype)
     return StudentInit(params=params, notes=_window_notes(student_config, teacher_config, mapping_pairs))

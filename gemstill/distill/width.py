@@ -11,6 +11,10 @@ the `hidden_dim` units with the largest importance (in the teacher's order, so a
 A query head's importance is the mean L2 norm of what it adds to the attention output, ||v_n W_o[n]|| over the
 real tokens (Minitron's head score). Heads that share a key/value head form a group; every group keeps the same
 number of heads (the most important of that group), so the student's grouped-query layout stays valid.
+
+An embedding channel's importance is its mean magnitude where the model reads the residual stream: at the output
+of every block's two input norms (before attention, before the FFN) and of the final norm (Minitron's
+LayerNorm-output score). Channels are shared by every block, so one set is kept for the whole student.
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ def _head_sums(
     return jnp.stack(sums)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _channel_sums(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """[D] sum over the batch's real tokens of |channel| at every input norm's output and the final norm's."""
+    model = nnx.merge(graphdef, state)
+    mask = segment_ids > 0
+    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
+    key_positions = jnp.where(mask, positions, -1).astype(jnp.int32)
+    read = [out.final_hidden]
+    for block, x in zip(model.layers, out.hidden_states[:-1], strict=True):
+        after_attention, _, _ = block.attend(x, positions, key_positions, None, None, False, segment_ids)
+        read += [block.pre_attn_norm(x), block.pre_ffw_norm(after_attention)]
+    total = sum(jnp.abs(r.astype(jnp.float32)) for r in read) / len(read)
+    return jnp.sum(jnp.where(mask[..., None], total, 0.0), axis=(0, 1))
+
+
 def _token_mean(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], sums_of) -> np.ndarray:
     """The per-token mean of `sums_of(graphdef, state, tokens, positions, segment_ids)` over the real tokens."""
     graphdef, state = nnx.split(model)
@@ -85,6 +106,12 @@ def _token_mean(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], sums
 def head_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
     """[T, N] importance of every query head of every block: E||v_n W_o[n]|| over real tokens."""
     return _token_mean(model, batches, _head_sums)
+
+
+def channel_importance(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """[D] importance of every embedding channel: its mean |value| over the real tokens at the outputs of the
+    blocks' input norms and of the final norm, averaged over those 2 * layers + 1 places."""
+    return _token_mean(model, batches, _channel_sums)
 
 
 def kept_heads(importance: np.ndarray, num_heads: int, num_kv_heads: int) -> list[int]:
@@ -131,3 +158,8 @@ def with_ffn_units(layer_map: LayerMap, importance: np.ndarray, width: int) -> L
     """`layer_map` with, for each teacher block it copies, the `width` most important FFN units kept."""
     units = {t: kept_units(importance[t], width) for _, t in layer_map.pairs}
     return layer_map.model_copy(update={"ffn_units": units})
+
+
+def with_kept_channels(layer_map: LayerMap, importance: np.ndarray, width: int) -> LayerMap:
+    """`layer_map` with the `width` embedding channels the student keeps (the same in every block)."""
+    return layer_map.model_copy(update={"channels": kept_units(importance, width)})

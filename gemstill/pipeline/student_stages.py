@@ -47,7 +47,14 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
     from gemstill.distill.cka import sample_batches
     from gemstill.distill.layer_map import MEASURED, make_layer_map
-    from gemstill.distill.width import ffn_importance, head_importance, with_ffn_units, with_kept_heads
+    from gemstill.distill.width import (
+        channel_importance,
+        ffn_importance,
+        head_importance,
+        with_ffn_units,
+        with_kept_channels,
+        with_kept_heads,
+    )
 
     settings = ctx.profile.layer_map
     student_settings = ctx.profile.student
@@ -77,6 +84,14 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
             f"layer_map: each copied block keeps its {student.num_heads} of {config.num_heads} query heads that "
             "matter most"
         )
+    channels = None
+    if prune and student.embed_dim < config.embed_dim:
+        channels = channel_importance(model, sample_batches(sample, settings.sample_sequences))
+        layer_map = with_kept_channels(layer_map, channels, student.embed_dim)
+        ctx.log(
+            f"layer_map: the student keeps the {student.embed_dim} of {config.embed_dim} embedding channels that "
+            "matter most"
+        )
     layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
     metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
@@ -84,6 +99,8 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
         metrics["ffn_units_kept"] = f"{student.hidden_dim}/{config.hidden_dim}"
     if heads is not None:
         metrics["heads_kept"] = f"{student.num_heads}/{config.num_heads}"
+    if channels is not None:
+        metrics["channels_kept"] = f"{student.embed_dim}/{config.embed_dim}"
     if compare:
         from gemstill.distill.init_nll import candidate_maps, init_nll
         from gemstill.fsutil import atomic_write_bytes
@@ -97,6 +114,8 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
                 name: with_kept_heads(candidate, heads, student.num_heads, student.num_kv_heads)
                 for name, candidate in maps.items()
             }
+        if channels is not None:
+            maps = {name: with_kept_channels(m, channels, student.embed_dim) for name, m in maps.items()}
         nll = init_nll(
             student,
             config,
@@ -149,6 +168,7 @@ def _student_run(ctx: StageContext, baseline: bool):
             profile.student.projection,
             layer_map.ffn_units,
             layer_map.heads,
+            layer_map.channels,
         )
         params = init.params
         for note in init.notes:
