@@ -2,10 +2,11 @@
 
 Part 1, at init (no training). At the parameter budget of the profile's student, every way gemstill can cut the
 teacher down, scored on the same validation sequences (NLL, nats per token):
-- depth: the profile's depth at full width, blocks chosen by each layer-map strategy (uniform, last, adaptive,
-  angular);
-- width: deeper students whose FFN is pruned to the same budget, blocks by angular distance, units kept by
-  measured importance (student.projection: importance) against the leading units (truncate).
+- depth: as many full-width blocks as fit, chosen by each layer-map strategy (uniform, last, adaptive, angular);
+- FFN width: deeper students (--depths) whose FFN is pruned to the budget, blocks by angular distance, units kept
+  by measured importance (student.projection: importance) against the leading units (truncate);
+- heads and embedding channels: every block, one query head fewer per key/value group, or a narrower residual
+  stream (3/4 and 7/8 of the teacher's, multiples of 32), each pruned by importance, the FFN filling the rest.
 
 Part 2, trained (`--trained`): `gemstill run PROFILE` in the store (cached stages are reused), then from its
 artifacts: student against baseline at equal steps (NLL, KL to the teacher, share of the baseline-teacher gap
@@ -13,18 +14,16 @@ closed) and the first validation step at which the student reaches the baseline'
 of the baseline's training tokens distillation needs to match it).
 
     python benchmarks/distill_quality.py [PROFILE] [--store DIR] [--sequences 16] [--depths 18,14,12]
-        [--trained] [--set KEY=VALUE ...]
+        [--trained [--skip-init]] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,14 @@ from gemstill.distill.evaluate import Candidate, evaluate_models
 from gemstill.distill.init_nll import candidate_maps
 from gemstill.distill.layer_map import LayerMap
 from gemstill.distill.student_init import init_student_from_teacher
-from gemstill.distill.width import ffn_importance, with_ffn_units
+from gemstill.distill.width import (
+    channel_importance,
+    ffn_importance,
+    head_importance,
+    with_ffn_units,
+    with_kept_channels,
+    with_kept_heads,
+)
 from gemstill.params import count_params, to_flat
 from gemstill.pipeline.plan import make_plan
 
@@ -71,6 +77,12 @@ def _sets(overrides: dict[str, str]) -> list[str]:
     return [part for key, value in overrides.items() for part in ("--set", f"{key}={value}")]
 
 
+def deepest(config: Gemma3Config, budget: int) -> int:
+    """The most full-width blocks of `config` that fit in `budget` parameters."""
+    fits = [n for n in range(1, config.num_layers + 1) if count_params(config.replace(num_layers=n))["total"] <= budget]
+    return max(fits, default=1)
+
+
 def init_table(profile: str, store: str, sequences: int, depths: list[int], overrides: dict[str, str]) -> list[dict]:
     from gemstill.distill.layer_map import make_layer_map
     from gemstill.loading import load_model
@@ -84,52 +96,73 @@ def init_table(profile: str, store: str, sequences: int, depths: list[int], over
     data_dir = _stage_dir(plan, "prepare_data")
     spec = plan.profile.teacher.model or f"orbax:{_stage_dir(plan, 'pretrain_teacher') / 'model'}"
     teacher = load_model(spec, param_dtype="float32", dtype="float32")
-    student = student_config(plan.profile, teacher.config).replace(param_dtype="float32", dtype="float32")
-    budget = count_params(student)["total"]
+    full = teacher.config.replace(layer_types=None)
+    budget = count_params(student_config(plan.profile, teacher.config))["total"]
     teacher_flat = to_flat(teacher.model)
     sample = read_split(data_dir, "train")
     settings = plan.profile.layer_map
     batches = sample_batches(sample, settings.sample_sequences)
     print(f"teacher {count_params(teacher.config)['total']:,} parameters; student budget {budget:,}", flush=True)
-    candidates: list[tuple[str, Gemma3Config, Callable[[], dict]]] = []  # params built one at a time (memory)
-    uniform = make_layer_map(
-        settings.model_copy(update={"strategy": "uniform", "pairs": None}),
-        student.num_layers,
-        teacher.config.num_layers,
-    )
-    for name, layer_map in candidate_maps(settings, student.num_layers, teacher.model, sample, uniform).items():
-        pairs = [tuple(p) for p in layer_map.pairs]
-        build = functools.partial(init_student_from_teacher, student, teacher.config, teacher_flat, pairs, 0)
-        candidates.append((f"depth {student.num_layers}, {name}", student, build))
+    # (name, config, layer map with the kept units / heads / channels, projection); params are built one at a time
+    candidates: list[tuple[str, Gemma3Config, LayerMap, str]] = []
+    depth = deepest(full, budget)
+    uniform = make_layer_map(settings.model_copy(update={"strategy": "uniform", "pairs": None}), depth, full.num_layers)
+    for name, layer_map in candidate_maps(settings, depth, teacher.model, sample, uniform).items():
+        candidates.append((f"depth {depth}, {name}", full.replace(num_layers=depth), layer_map, "none"))
     distances = angular_distances(sampled_hidden_states(teacher.model, batches, settings.max_tokens))
-    importance = ffn_importance(teacher.model, batches)
-    for depth in depths:
-        config = student.replace(num_layers=depth, layer_types=None)
-        width = min(widest_ffn(config, budget), teacher.config.hidden_dim)
-        config = config.replace(hidden_dim=width)
-        pairs = list(enumerate(kept_blocks(distances, depth)))
-        layer_map = LayerMap(
-            strategy="explicit", pairs=pairs, student_layers=depth, teacher_layers=teacher.config.num_layers
-        )
-        units = with_ffn_units(layer_map, importance, width).ffn_units
-        for projection in ("importance", "truncate"):
-            chosen = units if projection == "importance" else None
-            build = functools.partial(
-                init_student_from_teacher, config, teacher.config, teacher_flat, pairs, 0, projection, chosen
-            )
-            candidates.append((f"depth {depth}, FFN {width}, {projection}", config, build))
+    units = ffn_importance(teacher.model, batches)
+    heads = head_importance(teacher.model, batches)
+    channels = channel_importance(teacher.model, batches)
+
+    def blocks(count: int) -> LayerMap:
+        pairs = list(enumerate(kept_blocks(distances, count)))
+        return LayerMap(strategy="explicit", pairs=pairs, student_layers=count, teacher_layers=full.num_layers)
+
+    for count in depths:  # FFN pruned to the budget, blocks by angular distance
+        config = full.replace(num_layers=count)
+        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
+        chosen = with_ffn_units(blocks(count), units, config.hidden_dim)
+        candidates.append((f"depth {count}, FFN {config.hidden_dim}, importance", config, chosen, "importance"))
+        candidates.append((f"depth {count}, FFN {config.hidden_dim}, truncate", config, blocks(count), "truncate"))
+    count = full.num_layers  # every block: fewer heads, or fewer embedding channels, the FFN filling the rest
+    if full.num_heads > full.num_kv_heads:
+        config = full.replace(num_heads=full.num_heads - full.num_kv_heads)
+        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
+        chosen = with_kept_heads(blocks(count), heads, config.num_heads, config.num_kv_heads)
+        chosen = with_ffn_units(chosen, units, config.hidden_dim)
+        name = f"heads {config.num_heads}, FFN {config.hidden_dim}, importance"
+        candidates.append((name, config, chosen, "importance"))
+    for width in sorted({full.embed_dim * 3 // 4 // 32 * 32, full.embed_dim * 7 // 8 // 32 * 32}):
+        config = full.replace(embed_dim=width)
+        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
+        if count_params(config)["total"] > budget:
+            continue
+        chosen = with_ffn_units(with_kept_channels(blocks(count), channels, width), units, config.hidden_dim)
+        name = f"embed {width}, FFN {config.hidden_dim}, importance"
+        candidates.append((name, config, chosen, "importance"))
     nll = {}
-    for name, config, build in tqdm(candidates, desc="students at init"):
+    for name, config, layer_map, projection in tqdm(candidates, desc="students at init"):
+        init = init_student_from_teacher(
+            config,
+            teacher.config,
+            teacher_flat,
+            [tuple(pair) for pair in layer_map.pairs],
+            0,
+            projection,
+            layer_map.ffn_units,
+            layer_map.heads,
+            layer_map.channels,
+        )
         rows = evaluate_models(
             Candidate("teacher", teacher.config, teacher_flat),
-            [Candidate(name, config, build().params)],
+            [Candidate(name, config, init.params)],
             data_dir,
             max_sequences=sequences,
             progress=lambda _: None,
         )
         nll |= {row["model"]: row["val_nll"] for row in rows}
     table = [{"student": "teacher", "parameters": count_params(teacher.config)["total"], "init_nll": nll["teacher"]}]
-    for name, config, _ in candidates:
+    for name, config, _, _ in candidates:
         table.append({"student": name, "parameters": count_params(config)["total"], "init_nll": nll[name]})
     return table
 
@@ -146,6 +179,9 @@ def trained_table(profile: str, store: str, overrides: dict[str, str]) -> dict:
     rows = {row["model"]: row for row in report["rows"]}
     teacher, student, baseline = rows["teacher"], rows["student"], rows["baseline"]
     gap = (baseline["val_nll"] - student["val_nll"]) / (baseline["val_nll"] - teacher["val_nll"])
+    ood_gap = None
+    if "ood_nll" in student:
+        ood_gap = (baseline["ood_nll"] - student["ood_nll"]) / (baseline["ood_nll"] - teacher["ood_nll"])
     ours, theirs = (
         _validation_curve(_stage_dir(plan, "train_student")),
         _validation_curve(_stage_dir(plan, "train_baseline")),
@@ -157,6 +193,7 @@ def trained_table(profile: str, store: str, overrides: dict[str, str]) -> dict:
         "student": student,
         "baseline": baseline,
         "gap_closed": gap,
+        "ood_gap_closed": ood_gap,
         "reached": reached,
         "steps": theirs[-1][0],
     }
@@ -169,25 +206,35 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--depths", default="18,14,12")
     parser.add_argument("--trained", action="store_true")
+    parser.add_argument("--skip-init", action="store_true", help="part 2 only")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     overrides = dict(pair.split("=", 1) for pair in args.set)
     began = time.perf_counter()
-    table = init_table(args.profile, args.store, args.sequences, [int(d) for d in args.depths.split(",")], overrides)
-    print(f"\nNLL at init on {args.sequences} validation sequences ({time.perf_counter() - began:.0f} s)")
-    print(f"{'student':<34} {'parameters':>13} {'init NLL':>9}")
-    for row in table:
-        print(f"{row['student']:<34} {row['parameters']:>13,} {row['init_nll']:>9.3f}")
+    if not args.skip_init:
+        depths = [int(d) for d in args.depths.split(",")]
+        table = init_table(args.profile, args.store, args.sequences, depths, overrides)
+        print(f"\nNLL at init on {args.sequences} validation sequences ({time.perf_counter() - began:.0f} s)")
+        print(f"{'student':<38} {'parameters':>13} {'init NLL':>9}")
+        for row in table:
+            print(f"{row['student']:<38} {row['parameters']:>13,} {row['init_nll']:>9.3f}")
     if args.trained:
         result = trained_table(args.profile, args.store, overrides)
         print("\nafter training, equal steps and data")
         for name in ("teacher", "student", "baseline"):
             row = result[name]
-            print(f"{name:<10} val NLL {row['val_nll']:.3f}  KL {row['kl_to_teacher']:.3f}")
+            ood = (
+                f"  out of domain: NLL {row['ood_nll']:.3f}  KL {row['ood_kl_to_teacher']:.3f}"
+                if "ood_nll" in row
+                else ""
+            )
+            print(f"{name:<10} val NLL {row['val_nll']:.3f}  KL {row['kl_to_teacher']:.3f}{ood}")
         print(
             f"gap closed: {result['gap_closed']:.1%}; the student reaches the baseline's best validation NLL at step "
             f"{result['reached']} of {result['steps']}"
         )
+        if result["ood_gap_closed"] is not None:
+            print(f"out of domain, gap closed: {result['ood_gap_closed']:.1%}")
 
 
 if __name__ == "__main__":
