@@ -133,19 +133,10 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcap
 
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        key_positions: jax.Array,
-        cache: LayerCache | None,
-        cache_start: jax.Array | None,
-        return_probs: bool,
-        segments: jax.Array | None = None,
-        attention_impl: str | None = None,
+        self, x: jax.Array, *args: Any, **kwargs: Any
     ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
-        out, new_cache, head_probs = self.head_values(
-            x, positions, key_positions, cache, cache_start, return_probs, segments, attention_impl
-        )
+        """The attention output [B, T, D]: head_values(x, ...) mixed by o_proj (same arguments)."""
+        out, new_cache, head_probs = self.head_values(x, *args, **kwargs)
         return jnp.einsum("btnh,nhd->btd", out, weight(self.o_proj, x.dtype)), new_cache, head_probs
 
     def head_values(

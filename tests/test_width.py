@@ -269,7 +269,7 @@ def test_kept_heads_keep_each_group_whole_and_refuse_bad_counts():
     flat = _random_teacher(seed=1)
     pairs = [(i, i) for i in range(TINY.num_layers)]
     bad = {t: [0, 1] for t in range(TINY.num_layers)}  # both from kv group 0
-    with pytest.raises(GemstillError, match="as many from each"):
+    with pytest.raises(GemstillError, match="not as many from each of its 2 key/value groups"):
         init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance", heads=bad)
     with pytest.raises(GemstillError, match="no query heads chosen"):
         init_student_from_teacher(TINY.replace(num_heads=2), TINY, flat, pairs, 0, "importance")

@@ -81,72 +81,40 @@ def _fit(value: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Arra
     return jnp.asarray(value[tuple(slice(0, n) for n in shape)], dtype=dtype)
 
 
-def _unit_indices(
-    student: Gemma3Config,
-    teacher: Gemma3Config,
+def _block_indices(
+    what: str,
+    chosen: Mapping[int, Sequence[int]] | None,
     pairs: Sequence[tuple[int, int]],
     projection: Projection,
-    ffn_units: Mapping[int, Sequence[int]] | None,
+    need: int,
+    below: int,
+    group: int | None = None,
 ) -> dict[int, jax.Array]:
-    """Per copied teacher block, the FFN units its student copy keeps (empty unless projection="importance")."""
+    """Per copied teacher block, the indices (FFN units or query heads: `what`) its student copy keeps; empty
+    unless projection="importance". `need` of them, distinct, below `below`; with `group`, as many from each run
+    of `group` consecutive indices (the query heads sharing one key/value head)."""
     if projection != "importance":
-        if ffn_units:
-            raise GemstillError("student init: FFN units were chosen but student.projection is not importance")
+        if chosen:
+            raise GemstillError(f"student init: {what} were chosen but student.projection is not importance")
         return {}
-    chosen = {int(t): list(u) for t, u in (ffn_units or {}).items()}
-    missing = sorted({t for _, t in pairs if t not in chosen})
-    if missing and student.hidden_dim != teacher.hidden_dim:
+    picked = {int(t): sorted(int(i) for i in indices) for t, indices in (chosen or {}).items()}
+    missing = sorted({t for _, t in pairs if t not in picked})
+    if missing and need != below:
         raise GemstillError(
-            f"student init: no FFN units chosen for teacher block(s) {missing}; re-run the layer_map stage "
+            f"student init: no {what} chosen for teacher block(s) {missing}; re-run the layer_map stage "
             "(gemstill run PROFILE --refresh layer_map)"
         )
-    for t, units in chosen.items():
-        if (
-            len(units) != student.hidden_dim
-            or len(set(units)) != len(units)
-            or not all(0 <= u < teacher.hidden_dim for u in units)
-        ):
-            raise GemstillError(
-                f"student init: teacher block {t} keeps {len(units)} FFN units, need {student.hidden_dim} distinct "
-                f"ones below {teacher.hidden_dim}; re-run the layer_map stage"
-            )
-    return {t: jnp.asarray(units, jnp.int32) for t, units in chosen.items()}
-
-
-def _head_indices(
-    student: Gemma3Config,
-    teacher: Gemma3Config,
-    pairs: Sequence[tuple[int, int]],
-    projection: Projection,
-    heads: Mapping[int, Sequence[int]] | None,
-) -> dict[int, jax.Array]:
-    """Per copied teacher block, the query heads its student copy keeps (empty unless projection="importance")."""
-    if projection != "importance":
-        if heads:
-            raise GemstillError("student init: query heads were chosen but student.projection is not importance")
-        return {}
-    chosen = {int(t): list(h) for t, h in (heads or {}).items()}
-    missing = sorted({t for _, t in pairs if t not in chosen})
-    if missing and student.num_heads != teacher.num_heads:
-        raise GemstillError(
-            f"student init: no query heads chosen for teacher block(s) {missing}; re-run the layer_map stage "
-            "(gemstill run PROFILE --refresh layer_map)"
-        )
-    group = teacher.num_heads // teacher.num_kv_heads
-    for t, kept in chosen.items():
-        per_group = [sum(1 for h in kept if h // group == g) for g in range(teacher.num_kv_heads)]
-        if (
-            len(kept) != student.num_heads
-            or len(set(kept)) != len(kept)
-            or not all(0 <= h < teacher.num_heads for h in kept)
-            or len(set(per_group)) != 1
-        ):
-            raise GemstillError(
-                f"student init: teacher block {t} keeps query heads {kept}, need {student.num_heads} distinct ones "
-                f"below {teacher.num_heads}, as many from each of its {teacher.num_kv_heads} key/value groups; "
-                "re-run the layer_map stage"
-            )
-    return {t: jnp.asarray(sorted(kept), jnp.int32) for t, kept in chosen.items()}
+    size = group or below
+    for t, indices in picked.items():
+        per_group = {sum(1 for i in indices if i // size == g) for g in range(below // size)}
+        if len(indices) != need or len(set(indices)) != need or not all(0 <= i < below for i in indices):
+            problem = f"keeps {len(indices)} {what}, need {need} distinct ones below {below}"
+        elif len(per_group) != 1:
+            problem = f"keeps {what} {indices}, not as many from each of its {below // size} key/value groups"
+        else:
+            continue
+        raise GemstillError(f"student init: teacher block {t} {problem}; re-run the layer_map stage")
+    return {t: jnp.asarray(indices, jnp.int32) for t, indices in picked.items()}
 
 
 def _channel_indices(
@@ -271,8 +239,13 @@ def init_student_from_teacher(
     copies = [("embedding", "embedding", None), ("final_norm.scale", "final_norm.scale", None)]
     for s, t in mapping_pairs:
         copies += [(f"layers.{s}.{name}", f"layers.{t}.{name}", t) for name in LAYER_PARAMS]
-    units = _unit_indices(student_config, teacher_config, mapping_pairs, projection, ffn_units)
-    kept_heads = _head_indices(student_config, teacher_config, mapping_pairs, projection, heads)
+    units = _block_indices(
+        "FFN units", ffn_units, mapping_pairs, projection, student_config.hidden_dim, teacher_config.hidden_dim
+    )
+    group = teacher_config.num_heads // teacher_config.num_kv_heads
+    kept_heads = _block_indices(
+        "query heads", heads, mapping_pairs, projection, student_config.num_heads, teacher_config.num_heads, group
+    )
     kept_channels = _channel_indices(student_config, teacher_config, projection, channels)
     factor = (teacher_config.embed_dim / student_config.embed_dim) ** 0.5
     # (parameter suffix, axis it is indexed on, the chosen indices per teacher block)

@@ -19,72 +19,77 @@ LayerNorm-output score). Channels are shared by every block, so one set is kept 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemstill.config import Gemma3Config
 from gemstill.distill.cka import calibration_arrays
 from gemstill.distill.layer_map import LayerMap
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3, weight
 
 
+class _Pass(NamedTuple):
+    """The model's own forward pass over one calibration batch, as the importance sums read it."""
+
+    mask: jax.Array  # [B, T] real tokens
+    final_hidden: jax.Array  # [B, T, D] the final norm's output
+    blocks: list[tuple[Any, jax.Array, jax.Array]]  # per block: the block, its input, the stream after attention
+    attend_args: tuple  # (positions, key positions, ..., segment ids) for a block's attention
+
+
+def _calibration_pass(graphdef, state, tokens, positions, segment_ids) -> _Pass:
+    model = nnx.merge(graphdef, state)
+    mask = segment_ids > 0
+    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
+    args = (positions, jnp.where(mask, positions, -1).astype(jnp.int32), None, None, False, segment_ids)
+    blocks = [
+        (block, x, block.attend(x, *args)[0]) for block, x in zip(model.layers, out.hidden_states[:-1], strict=True)
+    ]
+    return _Pass(mask, out.final_hidden, blocks, args)
+
+
+def _real_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """[..., K] values summed over the batch's real tokens: [K]."""
+    return jnp.sum(jnp.where(mask[..., None], values.astype(jnp.float32), 0.0), axis=(0, 1))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _unit_sums(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
-) -> jax.Array:
+def _unit_sums(graphdef: nnx.GraphDef, state: nnx.State, tokens, positions, segment_ids) -> jax.Array:
     """[T, F] sum over the batch's real tokens of |a_i| in every block (each block fed the model's own states)."""
-    model = nnx.merge(graphdef, state)
-    mask = segment_ids > 0
-    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
-    key_positions = jnp.where(mask, positions, -1).astype(jnp.int32)
-    sums = []
-    for block, x in zip(model.layers, out.hidden_states[:-1], strict=True):
-        after_attention, _, _ = block.attend(x, positions, key_positions, None, None, False, segment_ids)
-        units = jnp.abs(block.feed_forward_units(after_attention).astype(jnp.float32))
-        sums.append(jnp.sum(jnp.where(mask[..., None], units, 0.0), axis=(0, 1)))
-    return jnp.stack(sums)
+    seen = _calibration_pass(graphdef, state, tokens, positions, segment_ids)
+    return jnp.stack(
+        [_real_sum(jnp.abs(block.feed_forward_units(after)), seen.mask) for block, _, after in seen.blocks]
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _head_sums(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
-) -> jax.Array:
+def _head_sums(graphdef: nnx.GraphDef, state: nnx.State, tokens, positions, segment_ids) -> jax.Array:
     """[T, N] sum over the batch's real tokens of each query head's contribution norm (the model's own states)."""
-    model = nnx.merge(graphdef, state)
-    mask = segment_ids > 0
-    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
-    key_positions = jnp.where(mask, positions, -1).astype(jnp.int32)
+    seen = _calibration_pass(graphdef, state, tokens, positions, segment_ids)
     sums = []
-    for block, x in zip(model.layers, out.hidden_states[:-1], strict=True):
-        values, _, _ = block.attn.head_values(
-            block.pre_attn_norm(x), positions, key_positions, None, None, False, segment_ids
-        )
+    for block, x, _ in seen.blocks:
+        values = block.attn.head_values(block.pre_attn_norm(x), *seen.attend_args)[0]
         added = jnp.einsum("btnh,nhd->btnd", values, weight(block.attn.o_proj, values.dtype))
-        norms = jnp.linalg.norm(added.astype(jnp.float32), axis=-1)
-        sums.append(jnp.sum(jnp.where(mask[..., None], norms, 0.0), axis=(0, 1)))
+        sums.append(_real_sum(jnp.linalg.norm(added.astype(jnp.float32), axis=-1), seen.mask))
     return jnp.stack(sums)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _channel_sums(
-    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
-) -> jax.Array:
+def _channel_sums(graphdef: nnx.GraphDef, state: nnx.State, tokens, positions, segment_ids) -> jax.Array:
     """[D] sum over the batch's real tokens of |channel| at every input norm's output and the final norm's."""
-    model = nnx.merge(graphdef, state)
-    mask = segment_ids > 0
-    out = model(tokens, positions, mask=mask, segment_ids=segment_ids, return_logits=False, return_hidden=True)
-    key_positions = jnp.where(mask, positions, -1).astype(jnp.int32)
-    read = [out.final_hidden]
-    for block, x in zip(model.layers, out.hidden_states[:-1], strict=True):
-        after_attention, _, _ = block.attend(x, positions, key_positions, None, None, False, segment_ids)
-        read += [block.pre_attn_norm(x), block.pre_ffw_norm(after_attention)]
-    total = sum(jnp.abs(r.astype(jnp.float32)) for r in read) / len(read)
-    return jnp.sum(jnp.where(mask[..., None], total, 0.0), axis=(0, 1))
+    seen = _calibration_pass(graphdef, state, tokens, positions, segment_ids)
+    read = [seen.final_hidden]
+    for block, x, after in seen.blocks:
+        read += [block.pre_attn_norm(x), block.pre_ffw_norm(after)]
+    return _real_sum(sum(jnp.abs(r.astype(jnp.float32)) for r in read) / len(read), seen.mask)
 
 
 def _token_mean(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], sums_of) -> np.ndarray:
@@ -163,3 +168,44 @@ def with_ffn_units(layer_map: LayerMap, importance: np.ndarray, width: int) -> L
 def with_kept_channels(layer_map: LayerMap, importance: np.ndarray, width: int) -> LayerMap:
     """`layer_map` with the `width` embedding channels the student keeps (the same in every block)."""
     return layer_map.model_copy(update={"channels": kept_units(importance, width)})
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthChoice:
+    """What a student narrower than its teacher keeps, measured once on the teacher and applied to any layer map
+    (the layer_map stage's own map and every strategy compare_init scores). None: that width is not pruned."""
+
+    student: Gemma3Config
+    ffn: np.ndarray | None = None  # [T, F] unit importance
+    heads: np.ndarray | None = None  # [T, N] query-head importance
+    channels: np.ndarray | None = None  # [D] embedding-channel importance
+
+    def apply(self, layer_map: LayerMap) -> LayerMap:
+        if self.ffn is not None:
+            layer_map = with_ffn_units(layer_map, self.ffn, self.student.hidden_dim)
+        if self.heads is not None:
+            layer_map = with_kept_heads(layer_map, self.heads, self.student.num_heads, self.student.num_kv_heads)
+        if self.channels is not None:
+            layer_map = with_kept_channels(layer_map, self.channels, self.student.embed_dim)
+        return layer_map
+
+    def kept(self, teacher: Gemma3Config) -> dict[str, str]:
+        """Per pruned width, "kept/teacher's", e.g. {"ffn_units_kept": "576/2048"}."""
+        widths = {"ffn_units_kept": (self.ffn, "hidden_dim"), "heads_kept": (self.heads, "num_heads")}
+        widths["channels_kept"] = (self.channels, "embed_dim")
+        return {
+            metric: f"{getattr(self.student, name)}/{getattr(teacher, name)}"
+            for metric, (importance, name) in widths.items()
+            if importance is not None
+        }
+
+
+def measure_widths(model: Gemma3, batches: Sequence[Mapping[str, np.ndarray]], student: Gemma3Config) -> WidthChoice:
+    """The importance of every width in which `student` is narrower than the teacher `model`."""
+    teacher = model.config
+    return WidthChoice(
+        student=student,
+        ffn=ffn_importance(model, batches) if student.hidden_dim < teacher.hidden_dim else None,
+        heads=head_importance(model, batches) if student.num_heads < teacher.num_heads else None,
+        channels=channel_importance(model, batches) if student.embed_dim < teacher.embed_dim else None,
+    )

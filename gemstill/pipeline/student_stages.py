@@ -47,14 +47,7 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
     from gemstill.distill.cka import sample_batches
     from gemstill.distill.layer_map import MEASURED, make_layer_map
-    from gemstill.distill.width import (
-        channel_importance,
-        ffn_importance,
-        head_importance,
-        with_ffn_units,
-        with_kept_channels,
-        with_kept_heads,
-    )
+    from gemstill.distill.width import measure_widths
 
     settings = ctx.profile.layer_map
     student_settings = ctx.profile.student
@@ -68,54 +61,26 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
         config, model, sample = teacher_config(ctx.profile), None, None
     student = student_config(ctx.profile, config)
     layer_map = make_layer_map(settings, student.num_layers, config.num_layers, model, sample)
-    importance = None
-    if prune and student.hidden_dim < config.hidden_dim:
-        importance = ffn_importance(model, sample_batches(sample, settings.sample_sequences))
-        layer_map = with_ffn_units(layer_map, importance, student.hidden_dim)
-        ctx.log(
-            f"layer_map: each copied block keeps its {student.hidden_dim} of {config.hidden_dim} FFN units that "
-            "matter most"
-        )
-    heads = None
-    if prune and student.num_heads < config.num_heads:
-        heads = head_importance(model, sample_batches(sample, settings.sample_sequences))
-        layer_map = with_kept_heads(layer_map, heads, student.num_heads, student.num_kv_heads)
-        ctx.log(
-            f"layer_map: each copied block keeps its {student.num_heads} of {config.num_heads} query heads that "
-            "matter most"
-        )
-    channels = None
-    if prune and student.embed_dim < config.embed_dim:
-        channels = channel_importance(model, sample_batches(sample, settings.sample_sequences))
-        layer_map = with_kept_channels(layer_map, channels, student.embed_dim)
-        ctx.log(
-            f"layer_map: the student keeps the {student.embed_dim} of {config.embed_dim} embedding channels that "
-            "matter most"
-        )
+    widths = None
+    if prune:
+        widths = measure_widths(model, sample_batches(sample, settings.sample_sequences), student)
+        layer_map = widths.apply(layer_map)
+        labels = {"ffn_units_kept": "FFN units", "heads_kept": "query heads", "channels_kept": "embedding channels"}
+        for metric, kept in widths.kept(config).items():
+            ctx.log(f"layer_map: the student keeps the {kept} {labels[metric]} measured to matter most")
     layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
     metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
-    if importance is not None:
-        metrics["ffn_units_kept"] = f"{student.hidden_dim}/{config.hidden_dim}"
-    if heads is not None:
-        metrics["heads_kept"] = f"{student.num_heads}/{config.num_heads}"
-    if channels is not None:
-        metrics["channels_kept"] = f"{student.embed_dim}/{config.embed_dim}"
+    if widths is not None:
+        metrics |= widths.kept(config)
     if compare:
         from gemstill.distill.init_nll import candidate_maps, init_nll
         from gemstill.fsutil import atomic_write_bytes
         from gemstill.params import to_flat
 
         maps = candidate_maps(settings, student.num_layers, model, sample, layer_map)
-        if importance is not None:
-            maps = {name: with_ffn_units(candidate, importance, student.hidden_dim) for name, candidate in maps.items()}
-        if heads is not None:
-            maps = {
-                name: with_kept_heads(candidate, heads, student.num_heads, student.num_kv_heads)
-                for name, candidate in maps.items()
-            }
-        if channels is not None:
-            maps = {name: with_kept_channels(m, channels, student.embed_dim) for name, m in maps.items()}
+        if widths is not None:
+            maps = {name: widths.apply(candidate) for name, candidate in maps.items()}
         nll = init_nll(
             student,
             config,
