@@ -137,6 +137,12 @@ def test_distilled_student_beats_the_baseline(full_run):
     assert all(layer_map["teacher_nll"] < nll for nll in candidates.values()), layer_map
     init = json.loads((stage_dir(store, "layer_map") / "init_nll.json").read_text())
     assert init["angular"]["init_nll"] == candidates["angular"] and len(init["angular"]["pairs"]) == 2
+    # the student's NLL at init travels with it: both training manifests and the evaluate report
+    for stage in ("train_student", "train_baseline"):
+        trained = json.loads((stage_dir(store, stage) / "manifest.json").read_text())["metrics"]
+        assert trained["init_nll"] == layer_map["student_init_nll"], stage
+    assert json.loads((evaluate / "report.json").read_text())["student_init"]["init_nll"] == candidates["uniform"]
+    assert f"At init the student scored {candidates['uniform']:.4f} nats" in report
 
 
 def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_teacher, tmp_path):

@@ -165,7 +165,7 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
     data_dir = ctx.training_data()
     mesh = profile_mesh(ctx.profile)
     tokenizer_model = (data_dir / "tokenizer.model").read_bytes()
-    return train(
+    metrics = train(
         run,
         data_dir,
         ctx.workdir,
@@ -175,6 +175,21 @@ def _train(ctx: StageContext, baseline: bool) -> dict[str, Any]:
         persist=ctx.persist,
         report_progress=ctx.progress,
     )
+    return metrics | _init_nll(ctx)
+
+
+def _init_nll(ctx: StageContext) -> dict[str, float]:
+    """The student's validation NLL at init, as the layer_map stage measured it (layer_map.compare_init), kept in
+    the training stage's manifest and in init_nll.json beside its model, where the evaluate report reads it."""
+    from gemstill.fsutil import atomic_write_bytes
+
+    measured = ctx.input("layer_map") / "init_nll.json"
+    if ctx.profile.student.init != "teacher" or not measured.is_file():
+        return {}
+    table = json.loads(measured.read_text())
+    chosen = {"init_nll": table[ctx.profile.layer_map.strategy]["init_nll"], "teacher_init_nll": table["teacher"]}
+    atomic_write_bytes(ctx.workdir / "init_nll.json", json.dumps(chosen).encode())
+    return chosen
 
 
 def train_student_stage(ctx: StageContext) -> dict[str, Any]:
@@ -233,15 +248,24 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         unquantized = [c for c in candidates if c.name in ("student", "baseline")]
         notes += _score_out_of_domain(ctx, settings, teacher_candidate, unquantized, by_name)
     notes += qat_recovery(rows)
+    started = ctx.input("train_student") / "init_nll.json" if "train_student" in ctx.inputs else None
+    init = json.loads(started.read_text()) if started is not None and started.is_file() else None
+    if init is not None:
+        notes.append(
+            f"At init the student scored {init['init_nll']:.4f} nats (the teacher {init['teacher_init_nll']:.4f}) on "
+            "the layer_map stage's validation sample."
+        )
     out: Path = ctx.workdir
-    atomic_write_bytes(out / "report.json", json.dumps({"profile": ctx.profile.name, "rows": rows}, indent=2).encode())
+    report = {"profile": ctx.profile.name, "rows": rows} | ({"student_init": init} if init is not None else {})
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
     save_evaluation_plot(out / "evaluation.png", rows)
     save_training_curves(out / "training_curves.png", histories)
     atomic_write_bytes(out / "report.md", report_markdown(f"gemstill report: {ctx.profile.name}", rows, notes).encode())
     for note in notes:
         ctx.log(f"evaluate: {note}")
     keys = ("val_nll", "kl_to_teacher", "ood_nll", "ood_kl_to_teacher")
-    return {f"{row['model']}_{key}": row[key] for row in rows for key in keys if key in row}
+    metrics = {f"{row['model']}_{key}": row[key] for row in rows for key in keys if key in row}
+    return metrics | ({"student_init_nll": init["init_nll"]} if init is not None else {})
 
 
 def versus_baseline(by_name: dict[str, dict[str, Any]], nll: str, kl: str, where: str) -> list[str]:
