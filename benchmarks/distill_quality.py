@@ -37,14 +37,7 @@ from gemstill.distill.evaluate import Candidate, evaluate_models
 from gemstill.distill.init_nll import candidate_maps
 from gemstill.distill.layer_map import LayerMap
 from gemstill.distill.student_init import init_student_from_teacher
-from gemstill.distill.width import (
-    channel_importance,
-    ffn_importance,
-    head_importance,
-    with_ffn_units,
-    with_kept_channels,
-    with_kept_heads,
-)
+from gemstill.distill.width import WidthChoice, channel_importance, ffn_importance, head_importance
 from gemstill.params import count_params, to_flat
 from gemstill.pipeline.plan import make_plan
 
@@ -75,6 +68,11 @@ def _stage_dir(plan, name: str) -> Path:
 
 def _sets(overrides: dict[str, str]) -> list[str]:
     return [part for key, value in overrides.items() for part in ("--set", f"{key}={value}")]
+
+
+def with_widest_ffn(config: Gemma3Config, budget: int, ceiling: int) -> Gemma3Config:
+    """`config` with the widest FFN (up to `ceiling`, the teacher's) that keeps it within `budget` parameters."""
+    return config.replace(hidden_dim=min(widest_ffn(config, budget), ceiling))
 
 
 def deepest(config: Gemma3Config, budget: int) -> int:
@@ -110,36 +108,36 @@ def init_table(profile: str, store: str, sequences: int, depths: list[int], over
     for name, layer_map in candidate_maps(settings, depth, teacher.model, sample, uniform).items():
         candidates.append((f"depth {depth}, {name}", full.replace(num_layers=depth), layer_map, "none"))
     distances = angular_distances(sampled_hidden_states(teacher.model, batches, settings.max_tokens))
-    units = ffn_importance(teacher.model, batches)
-    heads = head_importance(teacher.model, batches)
-    channels = channel_importance(teacher.model, batches)
+    measured = WidthChoice(
+        full,
+        ffn=ffn_importance(teacher.model, batches),
+        heads=head_importance(teacher.model, batches),
+        channels=channel_importance(teacher.model, batches),
+    )
 
-    def blocks(count: int) -> LayerMap:
-        pairs = list(enumerate(kept_blocks(distances, count)))
-        return LayerMap(strategy="explicit", pairs=pairs, student_layers=count, teacher_layers=full.num_layers)
+    def pruned(config: Gemma3Config) -> LayerMap:
+        """Every block of the teacher, or the `config.num_layers` nearest by angular distance, pruned to `config`'s
+        widths by importance."""
+        pairs = list(enumerate(kept_blocks(distances, config.num_layers)))
+        chosen = LayerMap(strategy="explicit", pairs=pairs, student_layers=len(pairs), teacher_layers=full.num_layers)
+        return measured.for_student(config, full).apply(chosen)
 
     for count in depths:  # FFN pruned to the budget, blocks by angular distance
-        config = full.replace(num_layers=count)
-        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
-        chosen = with_ffn_units(blocks(count), units, config.hidden_dim)
+        config = with_widest_ffn(full.replace(num_layers=count), budget, full.hidden_dim)
+        chosen = pruned(config)
         candidates.append((f"depth {count}, FFN {config.hidden_dim}, importance", config, chosen, "importance"))
-        candidates.append((f"depth {count}, FFN {config.hidden_dim}, truncate", config, blocks(count), "truncate"))
-    count = full.num_layers  # every block: fewer heads, or fewer embedding channels, the FFN filling the rest
+        plain = chosen.model_copy(update={"ffn_units": None})
+        candidates.append((f"depth {count}, FFN {config.hidden_dim}, truncate", config, plain, "truncate"))
+    # every block: fewer heads, or fewer embedding channels, the FFN filling the rest
+    narrower = [full.replace(embed_dim=w) for w in sorted({full.embed_dim * k // 8 // 32 * 32 for k in (6, 7)})]
     if full.num_heads > full.num_kv_heads:
-        config = full.replace(num_heads=full.num_heads - full.num_kv_heads)
-        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
-        chosen = with_kept_heads(blocks(count), heads, config.num_heads, config.num_kv_heads)
-        chosen = with_ffn_units(chosen, units, config.hidden_dim)
-        name = f"heads {config.num_heads}, FFN {config.hidden_dim}, importance"
-        candidates.append((name, config, chosen, "importance"))
-    for width in sorted({full.embed_dim * 3 // 4 // 32 * 32, full.embed_dim * 7 // 8 // 32 * 32}):
-        config = full.replace(embed_dim=width)
-        config = config.replace(hidden_dim=min(widest_ffn(config, budget), full.hidden_dim))
+        narrower.insert(0, full.replace(num_heads=full.num_heads - full.num_kv_heads))
+    for config in narrower:
+        config = with_widest_ffn(config, budget, full.hidden_dim)
         if count_params(config)["total"] > budget:
             continue
-        chosen = with_ffn_units(with_kept_channels(blocks(count), channels, width), units, config.hidden_dim)
-        name = f"embed {width}, FFN {config.hidden_dim}, importance"
-        candidates.append((name, config, chosen, "importance"))
+        what = f"heads {config.num_heads}" if config.num_heads < full.num_heads else f"embed {config.embed_dim}"
+        candidates.append((f"{what}, FFN {config.hidden_dim}, importance", config, pruned(config), "importance"))
     nll = {}
     for name, config, layer_map, projection in tqdm(candidates, desc="students at init"):
         init = init_student_from_teacher(
@@ -178,10 +176,11 @@ def trained_table(profile: str, store: str, overrides: dict[str, str]) -> dict:
     report = json.loads((_stage_dir(plan, "evaluate") / "report.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
     teacher, student, baseline = rows["teacher"], rows["student"], rows["baseline"]
-    gap = (baseline["val_nll"] - student["val_nll"]) / (baseline["val_nll"] - teacher["val_nll"])
-    ood_gap = None
-    if "ood_nll" in student:
-        ood_gap = (baseline["ood_nll"] - student["ood_nll"]) / (baseline["ood_nll"] - teacher["ood_nll"])
+
+    def gap_closed(nll: str) -> float:
+        """The share of the baseline's NLL gap to the teacher that the student closes."""
+        return (baseline[nll] - student[nll]) / (baseline[nll] - teacher[nll])
+
     ours, theirs = (
         _validation_curve(_stage_dir(plan, "train_student")),
         _validation_curve(_stage_dir(plan, "train_baseline")),
@@ -192,8 +191,8 @@ def trained_table(profile: str, store: str, overrides: dict[str, str]) -> dict:
         "teacher": teacher,
         "student": student,
         "baseline": baseline,
-        "gap_closed": gap,
-        "ood_gap_closed": ood_gap,
+        "gap_closed": gap_closed("val_nll"),
+        "ood_gap_closed": gap_closed("ood_nll") if "ood_nll" in student else None,
         "reached": reached,
         "steps": theirs[-1][0],
     }

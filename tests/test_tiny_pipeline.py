@@ -145,6 +145,12 @@ def test_distilled_student_beats_the_baseline(full_run):
     assert f"At init the student scored {candidates['uniform']:.4f} nats" in report
 
 
+def _only_layer_map_with(store: Path, field: str) -> dict:
+    """The one layer_map.json in `store` whose `field` (ffn_units, heads, channels) is set."""
+    (layer_map,) = [m for p in store.glob("layer_map/*/layer_map.json") if (m := json.loads(p.read_text()))[field]]
+    return layer_map
+
+
 def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_teacher, tmp_path):
     """student.projection: importance with half the teacher's FFN: the layer_map stage measures every unit, keeps
     each copied block's 192 most important of 384 (in layer_map.json, and scored at init by compare_init for every
@@ -173,11 +179,7 @@ def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_t
         return sum(init[projection][f"init_nll_{name}"] for name in ("uniform", "last", "adaptive", "angular")) / 4
 
     assert mean_init("importance") < mean_init("truncate"), init
-    (layer_map,) = [
-        json.loads(p.read_text())
-        for p in store.glob("layer_map/*/layer_map.json")
-        if json.loads(p.read_text())["ffn_units"]
-    ]
+    layer_map = _only_layer_map_with(store, "ffn_units")
     assert sorted(layer_map["ffn_units"]) == sorted(str(t) for _, t in layer_map["pairs"])
     assert all(len(units) == 192 == len(set(units)) for units in layer_map["ffn_units"].values())
     shutil.copytree(
@@ -194,11 +196,7 @@ def test_width_pruned_students_start_from_the_units_that_matter(full_run, tiny_t
     for stage in ("layer_map", "train_student"):
         result = gemstill("run", "tiny", "--store", str(store), *narrow, "--set", "training.steps=4", "--only", stage)
         assert result.returncode == 0, result.stderr[-3000:]
-    (layer_map,) = [
-        json.loads(p.read_text())
-        for p in store.glob("layer_map/*/layer_map.json")
-        if json.loads(p.read_text())["heads"]
-    ]
+    layer_map = _only_layer_map_with(store, "heads")
     assert sorted(layer_map["heads"]) == sorted(str(t) for _, t in layer_map["pairs"])
     assert all(len(heads) == 2 == len(set(heads)) for heads in layer_map["heads"].values())
     assert len(layer_map["channels"]) == 64 == len(set(layer_map["channels"]))

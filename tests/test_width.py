@@ -63,23 +63,32 @@ def _batch(rows: int = 2) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "positions": positions, "segment_ids": segments}
 
 
-def test_ffn_importance_matches_transformers_activations(tmp_path):
-    flat = _random_teacher(seed=3)
+def _reference(tmp_path, flat: dict[str, np.ndarray]):
+    """transformers' Gemma 3 on the same weights (saved as an HF directory), float32, eager attention."""
     save_hf(tmp_path / "hf", TINY, flat)
-    reference = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+def _each_row(reference, batch: dict[str, np.ndarray]):
+    """Run `reference` on each row of `batch` alone, unpadded (the padding of row 1 never enters transformers),
+    yielding after each row so its forward hooks' captures can be read."""
+    real = batch["segment_ids"] > 0
+    with torch.no_grad():
+        for row in range(len(real)):
+            reference(torch.tensor(batch["tokens"][row : row + 1, : int(real[row].sum())], dtype=torch.long))
+            yield row
+
+
+def test_ffn_importance_matches_transformers_activations(tmp_path):
+    flat = _random_teacher(seed=3)
+    reference = _reference(tmp_path, flat)
     captured: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(reference.model.layers):
         layer.mlp.down_proj.register_forward_hook(lambda _m, args, _out, i=index: captured.__setitem__(i, args[0]))
     batch = _batch()
-    real = torch.tensor(batch["segment_ids"] > 0)
-    with torch.no_grad():  # each row alone, unpadded: the padding of row 1 never enters transformers
-        rows = []
-        for row in range(2):
-            length = int(real[row].sum())
-            reference(torch.tensor(batch["tokens"][row : row + 1, :length], dtype=torch.long))
-            rows.append({i: a[0].abs() for i, a in captured.items()})
+    rows = [{i: a[0].abs() for i, a in captured.items()} for _ in _each_row(reference, batch)]
     expected = np.stack(
         [
             (torch.cat([r[i] for r in rows]).mean(0) * layer.mlp.down_proj.weight.norm(dim=0)).detach().numpy()
@@ -207,24 +216,18 @@ def test_init_nll_scores_each_distinct_student_once(tmp_path, monkeypatch):
 
 def test_head_importance_matches_transformers_attention_values(tmp_path):
     flat = _random_teacher(seed=7)
-    save_hf(tmp_path / "hf", TINY, flat)
-    reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    reference = _reference(tmp_path, flat)
     captured: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(reference.model.layers):
         layer.self_attn.o_proj.register_forward_hook(lambda _m, args, _out, i=index: captured.__setitem__(i, args[0]))
     batch = _batch()
-    real = batch["segment_ids"] > 0
     heads, head_dim = TINY.num_heads, TINY.head_dim
     per_layer: dict[int, list[torch.Tensor]] = {i: [] for i in range(TINY.num_layers)}
-    with torch.no_grad():  # each row alone, unpadded
-        for row in range(2):
-            reference(torch.tensor(batch["tokens"][row : row + 1, : int(real[row].sum())], dtype=torch.long))
-            for i, layer in enumerate(reference.model.layers):
-                values = captured[i][0].reshape(-1, heads, head_dim)  # [T, heads, head_dim]
-                columns = layer.self_attn.o_proj.weight.reshape(TINY.embed_dim, heads, head_dim)
-                per_layer[i].append(torch.einsum("tnh,dnh->tnd", values, columns).norm(dim=-1))
+    for _ in _each_row(reference, batch):
+        for i, layer in enumerate(reference.model.layers):
+            values = captured[i][0].reshape(-1, heads, head_dim)  # [T, heads, head_dim]
+            columns = layer.self_attn.o_proj.weight.reshape(TINY.embed_dim, heads, head_dim)
+            per_layer[i].append(torch.einsum("tnh,dnh->tnd", values, columns).norm(dim=-1))
     expected = np.stack([torch.cat(per_layer[i]).mean(0).numpy() for i in range(TINY.num_layers)])
     importance = head_importance(from_flat(TINY, flat), [batch])
     assert importance.shape == (TINY.num_layers, TINY.num_heads)
@@ -277,10 +280,7 @@ def test_kept_heads_keep_each_group_whole_and_refuse_bad_counts():
 
 def test_channel_importance_matches_transformers_norm_outputs(tmp_path):
     flat = _random_teacher(seed=11)
-    save_hf(tmp_path / "hf", TINY, flat)
-    reference = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    reference = _reference(tmp_path, flat)
     norms = [reference.model.norm]
     for layer in reference.model.layers:
         norms += [layer.input_layernorm, layer.pre_feedforward_layernorm]
@@ -288,12 +288,7 @@ def test_channel_importance_matches_transformers_norm_outputs(tmp_path):
     for index, norm in enumerate(norms):
         norm.register_forward_hook(lambda _m, _args, out, i=index: captured.__setitem__(i, out[0].abs()))
     batch = _batch()
-    real = batch["segment_ids"] > 0
-    rows = []
-    with torch.no_grad():  # each row alone, unpadded
-        for row in range(2):
-            reference(torch.tensor(batch["tokens"][row : row + 1, : int(real[row].sum())], dtype=torch.long))
-            rows.append(sum(captured[i] for i in range(len(norms))) / len(norms))
+    rows = [sum(captured[i] for i in range(len(norms))) / len(norms) for _ in _each_row(reference, batch)]
     expected = torch.cat(rows).mean(0).numpy()
     importance = channel_importance(from_flat(TINY, flat), [batch])
     assert importance.shape == (TINY.embed_dim,)

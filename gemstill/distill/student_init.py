@@ -65,7 +65,7 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
     if narrower and projection == "none":
         raise GemstillError(
             f"student layers narrower than the teacher's ({', '.join(narrower.values())}); set student.init: random "
-            "or configure student.projection: importance (FFN units) or truncate"
+            "or configure student.projection: importance (FFN units, query heads, embedding channels) or truncate"
         )
     other = [text for name, text in narrower.items() if name not in ("hidden_dim", "num_heads", "embed_dim")]
     if other and projection == "importance":
@@ -79,6 +79,13 @@ def check_widths(student: Gemma3Config, teacher: Gemma3Config, projection: Proje
 def _fit(value: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     """The leading slice of `value` with this shape (the whole array when shapes already match)."""
     return jnp.asarray(value[tuple(slice(0, n) for n in shape)], dtype=dtype)
+
+
+def _count_problem(what: str, indices: Sequence[int], need: int, below: int) -> str | None:
+    """What is wrong with a chosen index list that must hold `need` distinct indices below `below` (None: nothing)."""
+    if len(indices) != need or len(set(indices)) != need or not all(0 <= i < below for i in indices):
+        return f"{len(indices)} {what}, need {need} distinct ones below {below}"
+    return None
 
 
 def _block_indices(
@@ -107,13 +114,11 @@ def _block_indices(
     size = group or below
     for t, indices in picked.items():
         per_group = {sum(1 for i in indices if i // size == g) for g in range(below // size)}
-        if len(indices) != need or len(set(indices)) != need or not all(0 <= i < below for i in indices):
-            problem = f"keeps {len(indices)} {what}, need {need} distinct ones below {below}"
-        elif len(per_group) != 1:
-            problem = f"keeps {what} {indices}, not as many from each of its {below // size} key/value groups"
-        else:
-            continue
-        raise GemstillError(f"student init: teacher block {t} {problem}; re-run the layer_map stage")
+        problem = _count_problem(what, indices, need, below)
+        if problem is None and len(per_group) != 1:
+            problem = f"{what} {indices}, not as many from each of its {below // size} key/value groups"
+        if problem is not None:
+            raise GemstillError(f"student init: teacher block {t} keeps {problem}; re-run the layer_map stage")
     return {t: jnp.asarray(indices, jnp.int32) for t, indices in picked.items()}
 
 
@@ -132,17 +137,10 @@ def _channel_indices(
                 "(gemstill run PROFILE --refresh layer_map)"
             )
         return None
-    kept = list(channels)
-    if (
-        len(kept) != student.embed_dim
-        or len(set(kept)) != len(kept)
-        or not all(0 <= c < teacher.embed_dim for c in kept)
-    ):
-        raise GemstillError(
-            f"student init: {len(kept)} embedding channels chosen, need {student.embed_dim} distinct ones below "
-            f"{teacher.embed_dim}; re-run the layer_map stage"
-        )
-    return jnp.asarray(sorted(kept), jnp.int32)
+    problem = _count_problem("embedding channels", list(channels), student.embed_dim, teacher.embed_dim)
+    if problem is not None:
+        raise GemstillError(f"student init: chose {problem}; re-run the layer_map stage")
+    return jnp.asarray(sorted(channels), jnp.int32)
 
 
 # the axis of each parameter that runs over the embedding channels

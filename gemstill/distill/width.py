@@ -170,6 +170,14 @@ def with_kept_channels(layer_map: LayerMap, importance: np.ndarray, width: int) 
     return layer_map.model_copy(update={"channels": kept_units(importance, width)})
 
 
+# each width importance can prune: (WidthChoice field, config field, manifest metric, what a person reads)
+WIDTHS = (
+    ("ffn", "hidden_dim", "ffn_units_kept", "FFN units"),
+    ("heads", "num_heads", "heads_kept", "query heads"),
+    ("channels", "embed_dim", "channels_kept", "embedding channels"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class WidthChoice:
     """What a student narrower than its teacher keeps, measured once on the teacher and applied to any layer map
@@ -189,23 +197,30 @@ class WidthChoice:
             layer_map = with_kept_channels(layer_map, self.channels, self.student.embed_dim)
         return layer_map
 
+    def for_student(self, student: Gemma3Config, teacher: Gemma3Config) -> WidthChoice:
+        """These measurements for `student`: only the widths in which it is narrower than `teacher` are pruned."""
+        kept = {
+            field: getattr(self, field) if getattr(student, width) < getattr(teacher, width) else None
+            for field, width, _, _ in WIDTHS
+        }
+        return WidthChoice(student, **kept)
+
     def kept(self, teacher: Gemma3Config) -> dict[str, str]:
         """Per pruned width, "kept/teacher's", e.g. {"ffn_units_kept": "576/2048"}."""
-        widths = {"ffn_units_kept": (self.ffn, "hidden_dim"), "heads_kept": (self.heads, "num_heads")}
-        widths["channels_kept"] = (self.channels, "embed_dim")
         return {
-            metric: f"{getattr(self.student, name)}/{getattr(teacher, name)}"
-            for metric, (importance, name) in widths.items()
-            if importance is not None
+            metric: f"{getattr(self.student, width)}/{getattr(teacher, width)}"
+            for field, width, metric, _ in WIDTHS
+            if getattr(self, field) is not None
         }
 
 
 def measure_widths(model: Gemma3, batches: Sequence[Mapping[str, np.ndarray]], student: Gemma3Config) -> WidthChoice:
-    """The importance of every width in which `student` is narrower than the teacher `model`."""
-    teacher = model.config
-    return WidthChoice(
-        student=student,
-        ffn=ffn_importance(model, batches) if student.hidden_dim < teacher.hidden_dim else None,
-        heads=head_importance(model, batches) if student.num_heads < teacher.num_heads else None,
-        channels=channel_importance(model, batches) if student.embed_dim < teacher.embed_dim else None,
-    )
+    """The importance of every width in which `student` is narrower than the teacher `model` (only those are
+    measured: each is a pass over the calibration batches)."""
+    measures = {"ffn": ffn_importance, "heads": head_importance, "channels": channel_importance}
+    narrower = {
+        field: measures[field](model, batches)
+        for field, width, _, _ in WIDTHS
+        if getattr(student, width) < getattr(model.config, width)
+    }
+    return WidthChoice(student, **narrower)

@@ -47,7 +47,7 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.data.format import read_split
     from gemstill.distill.cka import sample_batches
     from gemstill.distill.layer_map import MEASURED, make_layer_map
-    from gemstill.distill.width import measure_widths
+    from gemstill.distill.width import WIDTHS, measure_widths
 
     settings = ctx.profile.layer_map
     student_settings = ctx.profile.student
@@ -65,7 +65,7 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
     if prune:
         widths = measure_widths(model, sample_batches(sample, settings.sample_sequences), student)
         layer_map = widths.apply(layer_map)
-        labels = {"ffn_units_kept": "FFN units", "heads_kept": "query heads", "channels_kept": "embedding channels"}
+        labels = {metric: label for _, _, metric, label in WIDTHS}
         for metric, kept in widths.kept(config).items():
             ctx.log(f"layer_map: the student keeps the {kept} {labels[metric]} measured to matter most")
     layer_map.save(ctx.workdir)
@@ -183,8 +183,8 @@ def _init_nll(ctx: StageContext) -> dict[str, float]:
     the training stage's manifest and in init_nll.json beside its model, where the evaluate report reads it."""
     from gemstill.fsutil import atomic_write_bytes
 
-    measured = ctx.input("layer_map") / "init_nll.json"
-    if ctx.profile.student.init != "teacher" or not measured.is_file():
+    measured = ctx.input("layer_map") / "init_nll.json"  # written only by compare_init, on a student.init: teacher
+    if not measured.is_file():
         return {}
     table = json.loads(measured.read_text())
     chosen = {"init_nll": table[ctx.profile.layer_map.strategy]["init_nll"], "teacher_init_nll": table["teacher"]}
