@@ -11,6 +11,7 @@ linked to its task run; `gemstill run` runs every stage in its own process.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from gemstill.tasks.stages import artifact_key, deployment_run, run_pipeline_stage, run_stage_on_pool
@@ -20,6 +21,7 @@ from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from gemstill import distributed
 from gemstill.pipeline.plan import Plan, make_plan, select_stages
 
 
@@ -54,7 +56,9 @@ def distill(
     plan = make_plan(profile, pipeline, store, overrides, restricted=from_deployment)
     stages, forced = select_stages(plan, refresh or [], only)
     futures: dict[str, PrefectFuture] = {}
-    with ThreadPoolTaskRunner(max_workers=plan.profile.hardware.concurrent_stages) as runner:
+    # the processes of a multi-process run must meet every stage in the same order: one stage at a time
+    workers = 1 if distributed.from_environment(os.environ) else plan.profile.hardware.concurrent_stages
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
         for name in stages:
             planned = plan.stages[name]
             named_pool = planned.spec.work_pool

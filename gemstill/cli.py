@@ -268,8 +268,10 @@ def run(
     set_: SetOpt = None,
 ) -> None:
     """Run a profile's pipeline in-process on Prefect's embedded API (no server needed)."""
+    from gemstill import distributed
     from gemstill.pipeline.plan import make_plan
 
+    distributed.start()  # a multi-process run joins its group before anything else touches JAX
     overrides = _overrides(set_)
     plan = make_plan(profile, pipeline, store, overrides)  # validate everything before Prefect starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from the embedded API
@@ -294,6 +296,23 @@ def run(
     Console().print(table)
     if any(s.spec.task == "evaluate" for s in plan.stages.values()) and (directory := _report_dir(plan)) is not None:
         _print_report(plan.profile.name, json.loads((directory / "report.json").read_text())["rows"], directory)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    processes: Annotated[int, typer.Option(help="how many processes to start")],
+    devices_per_process: Annotated[
+        int | None, typer.Option(help="devices each process gets: host devices on CPU, its own GPUs on a GPU node")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="coordinator port on 127.0.0.1 (default: a free one)")] = None,
+) -> None:
+    """Start N local processes of one multi-process run: gemstill launch --processes 2 -- gemstill run PROFILE."""
+    from gemstill.launch import launch as start_processes
+
+    code = start_processes(ctx.args, processes, devices_per_process, port)
+    if code:
+        raise typer.Exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it
 
 
 def _headline(metrics: dict, count: int = 4) -> str:

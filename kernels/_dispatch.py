@@ -1,7 +1,8 @@
 """How a kernel dispatch picks its path: the compiled Pallas kernel, an interpreter of it, or plain XLA.
 
 Every dispatch in gemstill.kernels takes `implementation`:
-  "auto"       the Pallas kernel on TPU, the XLA path elsewhere (CPU, and GPU until the Mosaic GPU ports land)
+  "auto"       the Pallas kernel on TPU once a compiled check has passed in this process (gemstill.kernels.auto),
+               the XLA path elsewhere (CPU, and GPU until the Mosaic GPU ports land) or when the check fails
   "xla"        the XLA path (chunked or reference jnp code)
   "pallas"     the compiled Pallas kernel (TPU)
   "interpret"  the Pallas kernel run by Pallas' generic interpreter on any backend (tests, CPU)
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from jax.experimental.pallas import tpu as pltpu
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret", "interpret_tpu")
@@ -24,7 +24,9 @@ def resolve(implementation: str) -> tuple[bool, Any]:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}: use one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        return (jax.default_backend() == "tpu"), False
+        from .auto import auto_choice  # imported here: the check runs the kernels, which import this module
+
+        return auto_choice().pallas, False
     if implementation == "xla":
         return False, False
     if implementation == "pallas":

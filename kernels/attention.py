@@ -16,6 +16,10 @@ index map avoids their DMA past the end of the range).
 
 Queries with no visible key: the kernels return 0 there (and pass no gradient); the model's dense softmax over
 an all-masked row returns the mean of V instead. Such rows are padding, never read by a loss.
+
+On a device mesh the kernels run under shard_map: examples split over data x fsdp, heads over tensor when the kv
+heads divide evenly (a query head's kv head stays on its device). Attention mixes nothing across examples or kv
+heads, so no reduction crosses devices.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from ._dispatch import resolve, round_up
+from ._mesh import AnyMesh, plan, shard_mapped
 from .masks import attention_mask
 
 DEFAULT_BLOCK_Q = 256
@@ -89,11 +95,14 @@ def attention(
     implementation: str = "auto",
     block_q: int = DEFAULT_BLOCK_Q,
     block_kv: int = DEFAULT_BLOCK_KV,
+    mesh: AnyMesh | None = None,
 ) -> jax.Array:
     """Dispatch: the flash kernels on TPU, `attention_reference` elsewhere (see gemstill.kernels._dispatch).
 
     q [B,T,N,H] (RoPE'd, normed, times the query scale), k/v [B,S,K,H] with K dividing N; positions [B,T]/[B,S]
     int32 (-1: padding key); segments [B,T]/[B,S] or None. Rows with no visible key differ (see module doc).
+    mesh: where the kernels run split over examples and heads (default: the mesh set by jax.set_mesh, if any);
+    see gemstill.kernels._mesh.plan for when they run unsplit. The XLA path ignores it.
     """
     use_kernel, interpret = resolve(implementation)
     if not use_kernel:
@@ -108,20 +117,29 @@ def attention(
             window=window,
             softcap=softcap,
         )
-    return flash_attention(
-        q,
-        k,
-        v,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        q_segments=q_segments,
-        kv_segments=kv_segments,
-        window=window,
-        softcap=softcap,
-        block_q=block_q,
-        block_kv=block_kv,
-        interpret=interpret,
-    )
+
+    def kernel(q, k, v, q_positions, kv_positions, q_segments, kv_segments):
+        return flash_attention(
+            q,
+            k,
+            v,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            q_segments=q_segments,
+            kv_segments=kv_segments,
+            window=window,
+            softcap=softcap,
+            block_q=block_q,
+            block_kv=block_kv,
+            interpret=interpret,
+        )
+
+    args = (q, k, v, q_positions, kv_positions, *_segments(q_segments, kv_segments))
+    split = plan(mesh, q.shape[0], k.shape[2])
+    if split is None:
+        return kernel(*args)
+    heads, rows = P(split.batch, None, split.heads), P(split.batch)
+    return shard_mapped(kernel, split, in_specs=(heads, heads, heads, rows, rows, rows, rows), out_specs=heads)(*args)
 
 
 def _segments(q_segments, kv_segments):

@@ -12,7 +12,10 @@ derivative) is formed tile by tile in two kernels: one reduces over the vocabula
 tokens for d_table (the flash-attention dq / dkv split, which keeps every output block resident while it is
 reduced). The kept/label terms of dz are one-hot, so their share of the gradient is a gather and a scatter-add.
 
-`head_stats_dispatch` is what the losses call: the kernel on TPU, the chunked XLA `head_stats` elsewhere.
+`head_stats_dispatch` is what the losses call: the kernel on TPU, the chunked XLA `head_stats` elsewhere. On a
+device mesh the kernel runs under shard_map: tokens split over data x fsdp, the table passed whole (gathered
+once per call; its gradient is summed over the devices by shard_map's transpose); every head statistic is a
+per-token value, so nothing else crosses devices.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
 
 from ._dispatch import resolve, round_up
+from ._mesh import AnyMesh, plan, shard_mapped
 from .chunked_head import DEFAULT_CHUNK, HeadStats, head_stats
 
 DEFAULT_BLOCK_N = 256  # tokens per tile
@@ -45,26 +50,38 @@ def head_stats_dispatch(
     implementation: str = "auto",
     block_n: int = DEFAULT_BLOCK_N,
     block_v: int = DEFAULT_BLOCK_V,
+    mesh: AnyMesh | None = None,
 ) -> HeadStats:
     """HeadStats of hidden [N, D] @ table [V, D]^T: the Pallas kernel on TPU, chunked XLA otherwise.
 
     `chunk` is the XLA path's token chunk; block_n/block_v size the kernel's tiles (shrunk to fit small inputs).
     implementation: see gemstill.kernels._dispatch ("auto", "xla", "pallas", "interpret", "interpret_tpu").
+    mesh: where the kernel runs split over tokens (default: the mesh set by jax.set_mesh, if any); see
+    gemstill.kernels._mesh.plan for when it runs unsplit. The XLA path ignores it.
     """
     use_kernel, interpret = resolve(implementation)
     if not use_kernel:
         return head_stats(hidden, table, ids, labels, temperature=temperature, softcap=softcap, chunk=chunk)
-    return head_stats_pallas(
-        hidden,
-        table,
-        ids,
-        labels,
-        temperature=temperature,
-        softcap=softcap,
-        block_n=block_n,
-        block_v=block_v,
-        interpret=interpret,
-    )
+
+    def kernel(hidden, table, ids, labels, temperature):
+        return head_stats_pallas(
+            hidden,
+            table,
+            ids,
+            labels,
+            temperature=temperature,
+            softcap=softcap,
+            block_n=block_n,
+            block_v=block_v,
+            interpret=interpret,
+        )
+
+    args = (hidden, table, ids, labels, jnp.asarray(temperature, jnp.float32))
+    split = plan(mesh, hidden.shape[0])
+    if split is None:
+        return kernel(*args)
+    rows = P(split.batch)
+    return shard_mapped(kernel, split, in_specs=(rows, P(), rows, rows, P()), out_specs=rows)(*args)
 
 
 def head_stats_pallas(

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import seed_store
 
 from gemstill.data.format import read_split
@@ -453,3 +454,64 @@ def test_cot_distillation_trains_on_the_teachers_verified_solutions(full_run, ti
         "CoT on held-out basic problems, trained on the reference solutions vs the teacher's: "
         + ", ".join(f"{m} {theirs[m]['accuracy']:.1%} vs {ours[m]['accuracy']:.1%}" for m in ("student", "baseline"))
     )
+
+
+TWO_PROCESSES = ["-m", "gemstill", "launch", "--processes", "2", "--devices-per-process", "4", "--"]
+# the student trained on 1 device and data-parallel on 2 processes x 4 devices: the same rows, only the order of the
+# cross-device sums differs, and Adam carries such differences through 40 steps
+LOSS_RTOL = 1e-4
+PARAM_ATOL = 1e-4
+
+
+def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tmp_path):
+    """`gemstill launch` of 2 processes x 4 CPU devices on loopback: the teacher cache, the student's training on a
+    data=8 mesh, and a data-parallel evaluation, each against the one-process run."""
+    from gemstill.checkpoints.native import load_native
+    from gemstill.teacher_cache.catalog import catalog_rows
+
+    reference, _, _ = full_run
+    spec = yaml.safe_load((REPO / "pipelines" / "from-scratch.yaml").read_text())
+    kept = ("prepare_data", "pretrain_teacher", "teacher_cache", "layer_map", "train_student")
+    spec["stages"] = {name: spec["stages"][name] for name in kept}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    store = seed_store(tiny_teacher, tmp_path / "store")
+    run = ["-m", "gemstill", "run", "tiny", "--pipeline", str(tmp_path / "pipeline.yaml"), "--store", str(store)]
+    launched = subprocess.run(
+        [sys.executable, *TWO_PROCESSES, sys.executable, *run, "--set", "hardware.mesh.data=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert launched.returncode == 0, (launched.stdout + launched.stderr)[-4000:]
+    assert "[1] process 1 of 2 (GEMSTILL_* environment): 4 local of 8 cpu devices" in launched.stdout
+
+    ours, theirs = stage_dir(store, "teacher_cache"), stage_dir(reference, "teacher_cache")
+    assert ours.name == theirs.name  # the same key: the same settings, code and inputs
+    assert "process 1 computes" in launched.stdout  # each process wrote its own shards
+    assert file_digests(ours, "shards/**/*") == file_digests(theirs, "shards/**/*")
+    assert not list(ours.glob("catalog.process-*"))  # the part catalogs were merged
+    strip = ("created_at",)
+    ours_rows = [{k: v for k, v in r.items() if k not in strip} for r in catalog_rows(ours / "catalog.duckdb")]
+    assert ours_rows == [
+        {k: v for k, v in r.items() if k not in strip} for r in catalog_rows(theirs / "catalog.duckdb")
+    ]
+
+    one, two = stage_dir(reference, "train_student"), stage_dir(store, "train_student")
+    history = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [h["step"] for h in history[1]] == [h["step"] for h in history[0]]
+    for a, b in zip(*history, strict=True):
+        for name in ("loss", "distill", "cross_entropy", "val_loss"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=LOSS_RTOL), (name, a["step"])
+    want, got = load_native(one / "model")[1], load_native(two / "model")[1]
+    for name in want:
+        assert abs(got[name] - want[name]).max() <= PARAM_ATOL, name
+
+    # the evaluation of the one-process run's models, again on 2 processes: data-parallel, the same rows
+    copy = tmp_path / "reference"
+    shutil.copytree(reference, copy)
+    rows = json.loads((stage_dir(copy, "evaluate") / "report.json").read_text())["rows"]
+    again = ["-m", "gemstill", "run", "tiny", "--store", str(copy), "--only", "evaluate", "--refresh", "evaluate"]
+    relaunched = subprocess.run(
+        [sys.executable, *TWO_PROCESSES, sys.executable, *again], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert relaunched.returncode == 0, (relaunched.stdout + relaunched.stderr)[-4000:]
+    assert json.loads((stage_dir(copy, "evaluate") / "report.json").read_text())["rows"] == rows

@@ -18,12 +18,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 if __name__ == "__main__" and "--devices" in sys.argv:  # must precede the jax import
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[sys.argv.index('--devices') + 1]}"
 
+import jax
 from conftest import TINY
 
+from gemstill import distributed
+from gemstill.distill.checkpointing import TrainCheckpointer
 from gemstill.distill.config import DistillConfig, PretrainConfig, TrainingConfig
-from gemstill.distill.run import Run, Teacher
+from gemstill.distill.placement import Placement
+from gemstill.distill.run import Run, Teacher, initial_params
 from gemstill.distill.student_init import init_student_from_teacher
-from gemstill.distill.train import train
+from gemstill.distill.train import host_copy, train
 from gemstill.model import build_model
 from gemstill.params import to_flat
 from gemstill.pretrain import pretrain
@@ -56,6 +60,26 @@ def pretrain_settings(**training: Any) -> PretrainConfig:
     return PretrainConfig(**settings)
 
 
+def restore_latest(run: Run, out_dir: Path, mesh, target: Path) -> None:
+    """Restore the latest checkpoint of `out_dir` onto this run's mesh and processes; process 0 saves the
+    parameters as .npz (a checkpoint written by one process count, read back by another)."""
+    import numpy as np
+
+    from gemstill.distill.optim import make_optimizer
+
+    place = Placement(mesh, run.training)
+    params, shardings = place.params(initial_params(run))
+    opt_state, _ = place.optimizer_state(make_optimizer(run.training.optimizer, run.training.steps), params, shardings)
+    with TrainCheckpointer(out_dir / "checkpoints", keep=run.training.keep_checkpoints) as checkpointer:
+        restored = checkpointer.restore_latest({"params": params, "opt_state": opt_state, "history": []})
+    values = host_copy(restored["params"])
+    if distributed.is_leader():
+        np.savez(target, **values)
+    print(
+        f"restored step {checkpointer.latest_step()} on {jax.process_count()} process(es), {jax.device_count()} devices"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir", type=Path)
@@ -65,7 +89,9 @@ def main() -> None:
     parser.add_argument("--devices", default=None)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--pretrain", action="store_true")
+    parser.add_argument("--restore-to", type=Path, default=None, help="restore OUT_DIR's latest checkpoint; save .npz")
     args = parser.parse_args()
+    distributed.start()  # under gemstill launch: join the other processes before JAX picks devices
     training = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.pretrain:
         metrics = pretrain(TEACHER, pretrain_settings(**training), args.data_dir, args.out_dir, log=print)
@@ -76,6 +102,9 @@ def main() -> None:
         from gemstill.distill.sharding import make_mesh
 
         mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
+    if args.restore_to is not None:
+        restore_latest(build_run(args.cache_dir, **training), args.out_dir, mesh, args.restore_to)
+        return
     metrics = train(build_run(args.cache_dir, **training), args.data_dir, args.out_dir, None, log=print, mesh=mesh)
     print("METRICS " + json.dumps(metrics, default=float))
 

@@ -40,6 +40,16 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _this_process_alone() -> dict[str, Any]:
+    """Orbax options for a checkpoint this process reads or writes by itself, with host (numpy) arrays: in a
+    multi-process run Orbax would otherwise wait at a barrier for processes that never come (a model is written
+    by process 0 alone; a stage that only process 0 runs reads one)."""
+    if jax.process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})}
+
+
 def save_native(
     directory: str | Path, config: Gemma3Config, flat: dict[str, Any], tokenizer_model: bytes | None
 ) -> Path:
@@ -53,7 +63,7 @@ def save_native(
 def write_native(directory: Path, config: Gemma3Config, flat: dict[str, Any], tokenizer_model: bytes | None) -> None:
     """The checkpoint's files into an existing (scratch) directory."""
     (directory / "config.json").write_text(json.dumps({"format": FORMAT, "model": config.to_dict()}, indent=2))
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(**_this_process_alone()) as checkpointer:
         checkpointer.save(Path(directory).absolute() / "params", _nest(dict(flat)))
         checkpointer.wait_until_finished()
     if tokenizer_model is not None:
@@ -88,7 +98,8 @@ def load_native(
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=(shardings or {}).get(name)) for name, shape in shapes.items()
     }
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        alone = _this_process_alone() if shardings is None else {}  # global shardings: every process reads
+        with ocp.StandardCheckpointer(**alone) as checkpointer:
             restored = checkpointer.restore(params_dir, _nest(target))
     except Exception as err:  # orbax/tensorstore raise many types on damaged data
         raise GemstillError(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemstill import distributed
 from gemstill.config import Gemma3Config
 from gemstill.data.format import read_split
 from gemstill.data.targets import next_token_targets
@@ -82,39 +83,41 @@ def evaluate_models(
     max_sequences: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters."""
+    """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters.
+
+    Data-parallel: the batches are dealt out to the processes of a multi-process run in turn, and each process
+    computes its batches on its local devices in turn, each device whole batches of the shape a one-device run
+    uses. The per-tile sums are then gathered and added in batch order, so the rows equal a one-device run's.
+    """
     data = read_split(data_dir, split)
     rows = len(data["tokens"]) if max_sequences is None else min(max_sequences, len(data["tokens"]))
     models = [(c, from_flat(c.config, c.params, c.name)) for c in [teacher, *others]]
-    graph_states = [nnx.split(m) for _, m in models]
-    forward = jax.jit(lambda graphdef, state, batch: _final_hidden(nnx.merge(graphdef, state), batch), static_argnums=0)
+    devices = jax.local_devices()
+    states = [(*nnx.split(m), c.config.embed_dim) for c, m in models]
+    # every model on every local device (a device computes whole batches); one device: where they already are
+    replicas = [[(g, jax.device_put(s, d), w) for g, s, w in states] for d in devices] if len(devices) > 1 else [states]
+    starts = list(range(0, rows, batch_size))
+    mine = starts[distributed.process_index() :: distributed.process_count()]
+    sums: dict[int, tuple[float, list[list[float]]]] = {}  # batch start -> (tokens, per tile [teacher nll, nll, kl..])
+    for first in range(0, len(mine), len(replicas)):  # a round: one batch per local device, dispatched together
+        launched = [
+            (start, _batch_sums(replicas[slot], device, data, start, min(start + batch_size, rows)))
+            for slot, (device, start) in enumerate(zip(devices, mine[first : first + len(replicas)], strict=False))
+        ]
+        for start, (tokens, tiles) in launched:
+            sums[start] = (tokens, [[float(v) for v in tile] for tile in jax.device_get(tiles)])
+        progress(f"evaluate: {min(mine[first + len(launched) - 1] + batch_size, rows)}/{rows} sequences")
+    for part in distributed.gather_json("evaluate sums", {str(k): v for k, v in sums.items()}):
+        sums.update({int(k): v for k, v in part.items()})
     totals = np.zeros((len(models), 2))
     tokens = 0.0
-    for start in range(0, rows, batch_size):
-        sel = np.arange(start, min(start + batch_size, rows))
-        batch = {k: jnp.asarray(data[k][sel]) for k in ("tokens", "positions", "segment_ids")}
-        labels, weights = next_token_targets(data["tokens"][sel], data["loss_mask"][sel])
-        labels = labels.reshape(-1)
-        keep = np.flatnonzero(weights.reshape(-1))
-        if not len(keep):
-            continue
-        hiddens = [
-            forward(g, s, batch).reshape(-1, c.config.embed_dim)[keep]
-            for (g, s), (c, _) in zip(graph_states, models, strict=True)
-        ]
-        for lo in range(0, len(keep), EVAL_CHUNK):
-            # every tile is padded to EVAL_CHUNK rows (weight 0): one shape, so nothing recompiles per batch
-            count = min(EVAL_CHUNK, len(keep) - lo)
-            y = jnp.asarray(np.pad(labels[keep][lo : lo + count], (0, EVAL_CHUNK - count)))
-            w = jnp.asarray(np.arange(EVAL_CHUNK) < count, jnp.float32)
-            tiles = [jnp.pad(h[lo : lo + count], ((0, EVAL_CHUNK - count), (0, 0))) for h in hiddens]
-            p_t, neg_entropy, teacher_nll = _teacher_tile(_logits(*graph_states[0], tiles[0]), y, w)
-            totals[0, 0] += float(teacher_nll)  # and KL(teacher || teacher) = 0 exactly
+    for start in starts:  # the order a one-device run adds them in
+        count, tiles = sums[start]
+        for tile in tiles:
+            totals[0, 0] += tile[0]  # and KL(teacher || teacher) = 0 exactly
             for i in range(1, len(models)):
-                nll, kl = _tile_sums(p_t, neg_entropy, _logits(*graph_states[i], tiles[i]), y, w)
-                totals[i] += (float(nll), float(kl))
-        tokens += len(keep)
-        progress(f"evaluate: {min(start + batch_size, rows)}/{rows} sequences")
+                totals[i] += (tile[2 * i - 1], tile[2 * i])
+        tokens += count
     results = []
     for (candidate, _), (nll, kl) in zip(models, totals, strict=True):
         mean_nll = nll / max(tokens, 1.0)
@@ -131,6 +134,38 @@ def evaluate_models(
             }
         )
     return results
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, batch: dict[str, jax.Array]) -> jax.Array:
+    return _final_hidden(nnx.merge(graphdef, state), batch)
+
+
+def _batch_sums(
+    states: list, device: jax.Device, data: Mapping[str, np.ndarray], lo: int, hi: int
+) -> tuple[int, list[list[jax.Array]]]:
+    """Dispatch the sums of rows lo..hi on `device` (not waited for): the loss tokens, and per tile of EVAL_CHUNK
+    tokens [teacher NLL, then NLL and KL(teacher || model) of each other model]. `states` holds (graphdef, state,
+    embed_dim) per model, the teacher first."""
+    sel = np.arange(lo, hi)
+    batch = {k: jax.device_put(data[k][sel], device) for k in ("tokens", "positions", "segment_ids")}
+    labels, weights = next_token_targets(data["tokens"][sel], data["loss_mask"][sel])
+    labels = labels.reshape(-1)
+    keep = np.flatnonzero(weights.reshape(-1))
+    hiddens = [_forward(g, s, batch).reshape(-1, width)[keep] for g, s, width in states] if len(keep) else []
+    tiles = []
+    for start in range(0, len(keep), EVAL_CHUNK):
+        # every tile is padded to EVAL_CHUNK rows (weight 0): one shape, so nothing recompiles per batch
+        count = min(EVAL_CHUNK, len(keep) - start)
+        y = jax.device_put(np.pad(labels[keep][start : start + count], (0, EVAL_CHUNK - count)), device)
+        w = jax.device_put((np.arange(EVAL_CHUNK) < count).astype(np.float32), device)
+        padded = [jnp.pad(h[start : start + count], ((0, EVAL_CHUNK - count), (0, 0))) for h in hiddens]
+        p_t, neg_entropy, teacher_nll = _teacher_tile(_logits(*states[0][:2], padded[0]), y, w)
+        tile = [teacher_nll]
+        for (g, s, _), h in zip(states[1:], padded[1:], strict=True):
+            tile.extend(_tile_sums(p_t, neg_entropy, _logits(g, s, h), y, w))
+        tiles.append(tile)
+    return len(keep), tiles
 
 
 def _nbytes(value: Any) -> int:

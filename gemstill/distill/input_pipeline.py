@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gemstill.data.format import read_split
 from gemstill.data.targets import next_token_targets
+from gemstill.distill.placement import place_rows, process_rows
 from gemstill.errors import GemstillError
 from gemstill.read_ahead import read_ahead
 from gemstill.teacher_cache.reader import TeacherCacheReader
@@ -62,16 +62,13 @@ class Batches:
         del batch["loss_mask"]
         return batch
 
+    def weight(self, rows: np.ndarray) -> float:
+        """The loss weight (tokens) of `rows`, from the data alone (no cache read), so every process can count a
+        whole batch of which it reads only its own rows."""
+        return float(next_token_targets(self.data["tokens"][rows], self.data["loss_mask"][rows])[1].sum())
+
     def step_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         return batch_indices(step, batch_size, self.rows, seed)
-
-
-def stack_micro(batch: dict[str, np.ndarray], accum: int, sharding: Any = None) -> dict[str, jax.Array]:
-    """[B, ...] host arrays as [accum, B / accum, ...] device arrays (sharded when a sharding is given)."""
-    stacked = {name: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for name, v in batch.items()}
-    return {
-        name: jax.device_put(v, sharding) if sharding is not None else jnp.asarray(v) for name, v in stacked.items()
-    }
 
 
 class StepBatch(NamedTuple):
@@ -99,9 +96,16 @@ class StepBatches:
         self.batch_size, self.seed, self.accum, self.sharding, self.depth = batch_size, seed, accum, sharding, depth
 
     def _make(self, step: int) -> StepBatch:
-        host = self.batches.get(self.batches.step_rows(step, self.batch_size, self.seed))
-        tokens = int(host["weights"].sum())
-        return StepBatch(step, tokens, host["tokens"].size, stack_micro(host, self.accum, self.sharding))
+        """The step's [accum, micro, L] arrays, of which this process reads only the micro-batch rows its devices
+        hold (all of them in a one-process run)."""
+        rows = self.batches.step_rows(step, self.batch_size, self.seed)
+        micro = self.batch_size // self.accum
+        block = process_rows(self.sharding, micro, axis=1, rank=3)
+        grid = rows.reshape(self.accum, micro)[:, block]
+        host = self.batches.get(grid.reshape(-1))
+        local = {name: v.reshape(self.accum, grid.shape[1], *v.shape[1:]) for name, v in host.items()}
+        tokens = int(self.batches.weight(rows))
+        return StepBatch(step, tokens, rows.size * self.batches.seq_len, place_rows(local, self.sharding, micro, 1))
 
     def __iter__(self) -> Iterator[StepBatch]:
         return read_ahead((self._make(step) for step in self.steps), self.depth, "train-input-prefetch")

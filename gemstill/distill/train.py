@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from gemstill import distributed
 from gemstill.checkpoints.native import save_native
 from gemstill.distill.checkpointing import TrainCheckpointer
 from gemstill.distill.flops import train_flops_per_token
 from gemstill.distill.input_pipeline import Batches, StepBatches
 from gemstill.distill.objective import Loss, make_loss
 from gemstill.distill.optim import is_frozen, learning_rate_schedule, make_optimizer
-from gemstill.distill.placement import Placement
+from gemstill.distill.placement import Placement, place_rows, process_rows
 from gemstill.distill.run import Run, initial_params, student_params
 from gemstill.distill.step import make_train_step
 from gemstill.distill.strategies import TERMS
@@ -37,23 +37,36 @@ from gemstill.plots import save_loss_curve
 
 
 def evaluate_objective(
-    run: Run, loss: Loss, params, teacher_params, batches: Batches, count: int, batch_size: int
+    run: Run,
+    loss: Loss,
+    params,
+    teacher_params,
+    batches: Batches,
+    count: int,
+    batch_size: int,
+    place: Placement | None = None,
 ) -> dict:
     """The training objective's terms on the first `count` batches of a split, without layer dropout; `loss` is
     jax.jit(make_loss(run), static_argnames="train"), compiled once per run by the caller: a short last batch is
-    padded to batch_size with empty rows (no tokens, no weight), so every call has the same shapes."""
+    padded to batch_size with empty rows (no tokens, no weight), so every call has the same shapes. With a
+    placement on a mesh the rows are split over data x fsdp, each process reading its own."""
+    place = place or Placement(None, run.training)
+    key = place.key(0)
     totals = {name: 0.0 for name in TERMS}
     seen = 0
     for start in range(0, min(count * batch_size, batches.rows), batch_size):
         real = min(start + batch_size, batches.rows) - start
-        host = batches.get(np.minimum(np.arange(start, start + batch_size), batches.rows - 1))
-        host["segment_ids"][real:] = 0  # padding rows: every position masked, as a packed row's padding is
-        host["weights"][real:] = 0
-        batch = {k: jnp.asarray(v) for k, v in host.items()}
-        weight = float(host["weights"].sum())
+        rows = np.minimum(np.arange(start, start + batch_size), batches.rows - 1)
+        block = process_rows(place.rows(), batch_size, axis=0, rank=2)
+        host = batches.get(rows[block])
+        padding = np.arange(batch_size)[block] >= real
+        host["segment_ids"][padding] = 0  # padding rows: every position masked, as a packed row's padding is
+        host["weights"][padding] = 0
+        weight = batches.weight(rows[:real])
         if weight == 0:
             continue
-        _, parts = loss(params, teacher_params, batch, run.training.steps - 1, jax.random.key(0), weight, train=False)
+        batch = place_rows(host, place.rows(), batch_size, axis=0)
+        _, parts = loss(params, teacher_params, batch, run.training.steps - 1, key, weight, train=False)
         for name in totals:
             totals[name] += float(parts[name]) * weight
         seen += weight
@@ -71,11 +84,33 @@ def train(
     report_progress: Callable[[float], None] = lambda fraction: None,
 ) -> dict[str, Any]:
     """Train (resuming from out_dir/checkpoints when a killed attempt left one), then write out_dir/model (native),
-    metrics.jsonl and loss_curve.png. With a mesh, parameters, optimizer state and batches are sharded on it.
+    metrics.jsonl and loss_curve.png. With a mesh, parameters, optimizer state and batches are sharded on it (its
+    devices may span processes: every process runs train(), process 0 writes the model and metrics), and the
+    Pallas kernels run under shard_map over it.
 
     persist: called with the checkpoint directory once each checkpoint is written, to mirror it to the store.
     report_progress: called with the fraction of steps done after each step.
     """
+    if run.training.kernels == "auto":
+        from gemstill.kernels.auto import describe_auto
+
+        log(f"{run.title}: {describe_auto()}")
+    if mesh is None:
+        return _train(run, data_dir, out_dir, tokenizer_model, log, mesh, persist, report_progress)
+    with jax.set_mesh(mesh):  # the kernels read the mesh when the step is traced
+        return _train(run, data_dir, out_dir, tokenizer_model, log, mesh, persist, report_progress)
+
+
+def _train(
+    run: Run,
+    data_dir: Path,
+    out_dir: Path,
+    tokenizer_model: bytes | None,
+    log: Callable[[str], None],
+    mesh: Mesh | None,
+    persist: Callable[[Path], None] | None,
+    report_progress: Callable[[float], None],
+) -> dict[str, Any]:
     training = run.training
     optimizer = make_optimizer(training.optimizer, training.steps, training.freeze)
     lr_at = learning_rate_schedule(training.optimizer, training.steps)
@@ -119,7 +154,9 @@ def train(
     )  # fmt: skip
     for item in inputs:
         step = item.step
-        params, opt_state, terms, grad_norm = step_fn(params, opt_state, teacher_params, item.arrays, jnp.asarray(step))
+        params, opt_state, terms, grad_norm = step_fn(
+            params, opt_state, teacher_params, item.arrays, place.scalar(step)
+        )
         pending.append((step, terms, grad_norm))
         clock.add(item.tokens, item.positions, first=step == start, ready=terms)
         progress.update(1)
@@ -144,7 +181,7 @@ def train(
         record = history[-1]
         if evaluate_now:
             last_val = evaluate_objective(
-                run, eval_loss, params, teacher_params, val_batches, training.eval_batches, training.batch_size
+                run, eval_loss, params, teacher_params, val_batches, training.eval_batches, training.batch_size, place
             )
             record.update({f"val_{name}": value for name, value in last_val.items()})
         progress.set_postfix(loss=f"{record['loss']:.4f}")
@@ -160,7 +197,8 @@ def train(
             if persist is not None:
                 checkpointer.wait()  # a checkpoint is mirrored only once it is whole
                 persist(out_dir / "checkpoints")
-            _write_metrics(out_dir, history, run.title)
+            if distributed.is_leader():
+                _write_metrics(out_dir, history, run.title)
     progress.close()
     speed = clock.summary(flops_per_position, run.title, log)
     checkpointer.wait()
@@ -171,8 +209,10 @@ def train(
     checkpointer.close()
     record = next(r for r in history if r["step"] == chosen)
     chosen_val = {name: record.get(f"val_{name}", float("nan")) for name in TERMS}
-    save_native(out_dir / "model", run.student, jax.device_get(student_params(params)), tokenizer_model)
-    _write_metrics(out_dir, history, run.title)
+    host_params = host_copy(student_params(params))  # every process takes part in gathering sharded arrays
+    if distributed.is_leader():
+        save_native(out_dir / "model", run.student, host_params, tokenizer_model)
+        _write_metrics(out_dir, history, run.title)
     return {
         "steps": training.steps,
         "final_train_loss": history[-1]["loss"],
@@ -181,6 +221,15 @@ def train(
         **speed,
         "student_parameters": int(sum(np.prod(np.shape(v)) for v in student_params(params).values())),
     }
+
+
+def host_copy(tree: Any) -> Any:
+    """The values of a tree of (possibly global, sharded) arrays as numpy arrays, in every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _fetch(pending: list[tuple[int, Any, Any]], lr_at: Callable[[int], Any], tokens_per_second: float) -> list[dict]:

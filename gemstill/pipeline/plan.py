@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import gemstill
+from gemstill import distributed
 from gemstill.errors import GemstillError
 from gemstill.pipeline.code_version import code_version
 from gemstill.pipeline.context import StageContext
@@ -134,51 +135,128 @@ def run_stage(
     The run holds the key's lease throughout (a second run of the same key waits for it, then finds it done);
     `fresh` (a refresh) recomputes beside the committed result and swaps on commit.
     """
+    group = distributed.start(log)
     check_hardware(plan.profile)
     stage = plan.stages[name]
+    if group is not None:
+        return _run_stage_in_group(plan, name, fresh, log, progress)
     missing = [need for need in stage.spec.needs if plan.store.manifest(need, plan.stages[need].key) is None]
     if missing:
         raise GemstillError(
             f"stage {name} needs {', '.join(missing)}, not done with these settings; run the pipeline without --only"
         )
-    inputs = {
-        plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs
-    }
     with acquire(plan.store.fs, plan.store.lease_path(name, stage.key), f"stage {name} ({stage.key})", log=log):
         if not fresh and (done := plan.store.manifest(name, stage.key)) is not None:
             log(f"stage {name}: already committed ({stage.key}), by another run or an earlier attempt; using it")
             return done
-        workdir = plan.store.prepare(name, stage.key, refresh=fresh)
-        context = StageContext(
-            stage=name,
-            profile=plan.profile,
-            settings=stage.settings,
-            inputs=inputs,
-            workdir=workdir,
-            log=log,
-            input_keys=dict(stage.inputs),
-            persist=lambda path: plan.store.persist(name, stage.key, fresh, path),
-            progress=progress,
-        )
         started = time.time()
-        metrics = stage.task.fn(context)
-        finished = time.time()
-        record = {
-            "stage": name,
-            "task": stage.spec.task,
-            "key": stage.key,
-            "settings": stage.settings,
-            "code_version": stage.code_version,
-            "inputs": stage.inputs,
-            "metrics": metrics,
-            "started_at": started,
-            "finished_at": finished,
-            "seconds": round(finished - started, 3),
-            "host": socket.gethostname(),
-            "python": platform.python_version(),
-            "gemstill_version": gemstill.__version__,
-        }
-        return plan.store.commit(name, stage.key, record, refresh=fresh)
+        workdir = plan.store.prepare(name, stage.key, refresh=fresh)
+        metrics = _compute(plan, name, fresh, workdir, log, progress)
+        return _commit(plan, name, fresh, started, metrics)
+
+
+def _inputs(plan: Plan, name: str) -> dict[str, Path]:
+    stage = plan.stages[name]
+    return {plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs}
+
+
+def _compute(
+    plan: Plan,
+    name: str,
+    fresh: bool,
+    workdir: Path,
+    log: Callable[[str], None],
+    progress: Callable[[float], None],
+) -> dict[str, Any]:
+    """Run the stage function in its prepared work directory (partial work of a killed attempt is resumed)."""
+    stage = plan.stages[name]
+    context = StageContext(
+        stage=name,
+        profile=plan.profile,
+        settings=stage.settings,
+        inputs=_inputs(plan, name),
+        workdir=workdir,
+        log=log,
+        input_keys=dict(stage.inputs),
+        persist=lambda path: plan.store.persist(name, stage.key, fresh, path),
+        progress=progress,
+        gather=lambda: plan.store.gather(name, stage.key, fresh),
+    )
+    return stage.task.fn(context)
+
+
+def _commit(plan: Plan, name: str, fresh: bool, started: float, metrics: dict[str, Any] | None = None):
+    stage = plan.stages[name]
+    finished = time.time()
+    record = {
+        "stage": name,
+        "task": stage.spec.task,
+        "key": stage.key,
+        "settings": stage.settings,
+        "code_version": stage.code_version,
+        "inputs": stage.inputs,
+        "metrics": metrics,
+        "started_at": started,
+        "finished_at": finished,
+        "seconds": round(finished - started, 3),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "gemstill_version": gemstill.__version__,
+    }
+    return plan.store.commit(name, stage.key, record, refresh=fresh)
+
+
+def _run_stage_in_group(
+    plan: Plan, name: str, fresh: bool, log: Callable[[str], None], progress: Callable[[float], None]
+) -> dict[str, Any]:
+    """run_stage in one process of a multi-process run: every process agrees on the key, process 0 holds the
+    lease, decides whether the stage runs and commits the manifest; a collective stage (teacher cache, training)
+    runs in every process, any other in process 0 alone while the rest wait."""
+    stage = plan.stages[name]
+    distributed.agree(f"stage {name} key", stage.key, "every process must run the same code, profile, data and teacher")
+    leader = distributed.is_leader()
+    lease = None
+    decision = "run"
+    if leader:
+        missing = [need for need in stage.spec.needs if plan.store.manifest(need, plan.stages[need].key) is None]
+        lease = acquire(plan.store.fs, plan.store.lease_path(name, stage.key), f"stage {name} ({stage.key})", log=log)
+        if missing:
+            decision = "missing " + ", ".join(missing)
+        elif not fresh and plan.store.manifest(name, stage.key) is not None:
+            decision = "done"
+    try:
+        decision = distributed.share(f"stage {name} decision", decision)
+        if decision.startswith("missing"):
+            raise GemstillError(
+                f"stage {name} needs {decision.removeprefix('missing ')}, not done with these settings; run the "
+                "pipeline without --only"
+            )
+        if decision == "done":
+            log(f"stage {name}: already committed ({stage.key}), by another run or an earlier attempt; using it")
+        else:
+            started = time.time()
+            if leader:  # process 0 prepares the work directory (a refresh clears it) before anyone writes there
+                plan.store.prepare(name, stage.key, refresh=fresh)
+            distributed.barrier(f"stage {name} prepared")
+            metrics = None
+            if stage.task.collective:
+                workdir = plan.store.join(name, stage.key, refresh=fresh)
+                metrics = _compute(plan, name, fresh, workdir, log, progress)
+            elif leader:
+                with distributed.alone():
+                    metrics = _compute(plan, name, fresh, plan.store.join(name, stage.key, fresh), log, progress)
+            distributed.barrier(f"stage {name} computed")
+            if leader:
+                plan.store.gather(name, stage.key, fresh)  # a remote store: the other processes' persisted files
+                _commit(plan, name, fresh, started, metrics)
+    finally:
+        if lease is not None:
+            lease.release()
+    distributed.barrier(f"stage {name} committed")
+    manifest = plan.store.manifest(name, stage.key)
+    if manifest is None:
+        raise GemstillError(f"stage {name}: process 0 did not commit {stage.key}; its log names the failure")
+    return manifest
 
 
 def select_stages(plan: Plan, refresh: list[str], only: str | None) -> tuple[list[str], set[str]]:

@@ -28,6 +28,8 @@ class StageTask:
     reads: tuple[str, ...]  # dotted profile paths the key hashes
     memory: Callable[[Profile], dict[str, int]] = lambda profile: {}
     validate: Callable[[Profile], None] = lambda profile: None  # checks run when the plan is made, before compute
+    # in a multi-process run: every process runs it (the work is split over them), else process 0 alone
+    collective: bool = False
 
     @property
     def code_root(self) -> str:
@@ -42,11 +44,13 @@ BUILTIN: dict[str, StageTask] = {
     ),
     "pretrain_teacher": StageTask(
         fn=teacher_stages.pretrain_teacher_stage,
+        collective=True,
         reads=("teacher.scratch", "precision"),
         memory=teacher_stages.pretrain_memory,
     ),
     "teacher_cache": StageTask(
         fn=teacher_stages.teacher_cache_stage,
+        collective=True,
         reads=("teacher", "teacher_cache", "precision", "_teacher_identity"),
         memory=teacher_stages.teacher_cache_memory,
     ),
@@ -62,18 +66,21 @@ BUILTIN.update(
         ),
         "train_student": StageTask(
             fn=student_stages.train_student_stage,
+            collective=True,
             reads=(*_STUDENT_READS, "distill", "teacher_cache.temperature"),
             memory=student_stages.train_student_memory,
             validate=student_stages.validate_student,
         ),
         "train_baseline": StageTask(
             fn=student_stages.train_baseline_stage,
+            collective=True,
             reads=_STUDENT_READS,
             memory=student_stages.train_baseline_memory,
             validate=student_stages.validate_student,
         ),
         "evaluate": StageTask(
             fn=student_stages.evaluate_stage,
+            collective=True,
             reads=(
                 "teacher",
                 "evaluate",
@@ -107,6 +114,7 @@ BUILTIN.update(
         ),
         "qat": StageTask(
             fn=quant_stages.qat_stage,
+            collective=True,
             reads=("quantize.embedding", "qat", "distill", "training", "teacher_cache.temperature", "hardware.mesh"),
             memory=student_stages.train_baseline_memory,  # the student's training step, no online teacher
             validate=quant_stages.validate_quantization,

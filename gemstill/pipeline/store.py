@@ -103,6 +103,21 @@ class ArtifactStore:
             self._download_partial(stage, key, workdir)
         return workdir
 
+    def join(self, stage: str, key: str, refresh: bool) -> Path:
+        """The work directory another process of the same run prepared: a remote store's partial work (of an
+        earlier attempt, or this run's process 0) is fetched into the local staging copy first."""
+        workdir = self.work_dir(stage, key, refresh)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not self.is_local:
+            self._download_partial(stage, key + (REFRESH if refresh else ""), workdir)
+        return workdir
+
+    def gather(self, stage: str, key: str, refresh: bool) -> None:
+        """Before process 0 commits a multi-process stage: fetch what the other processes persisted (a no-op for a
+        local store, which every process writes directly)."""
+        if not self.is_local:
+            self._download_partial(stage, key + (REFRESH if refresh else ""), self.work_dir(stage, key, refresh))
+
     def persist(self, stage: str, key: str, refresh: bool, path: Path) -> None:
         """Mirror a file or directory of the work directory to the store now (a no-op for a local store, where the
         work directory is the store). A directory is synced: files gone locally (pruned checkpoints) go remotely,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gemstill import distributed
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.pipeline.context import StageContext
@@ -257,10 +259,12 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         )
     out: Path = ctx.workdir
     report = {"profile": ctx.profile.name, "rows": rows} | ({"student_init": init} if init is not None else {})
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
-    save_evaluation_plot(out / "evaluation.png", rows)
-    save_training_curves(out / "training_curves.png", histories)
-    atomic_write_bytes(out / "report.md", report_markdown(f"gemstill report: {ctx.profile.name}", rows, notes).encode())
+    if distributed.is_leader():  # every process of a multi-process run holds the same rows; one writes them
+        atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+        save_evaluation_plot(out / "evaluation.png", rows)
+        save_training_curves(out / "training_curves.png", histories)
+        markdown = report_markdown(f"gemstill report: {ctx.profile.name}", rows, notes)
+        atomic_write_bytes(out / "report.md", markdown.encode())
     for note in notes:
         ctx.log(f"evaluate: {note}")
     keys = ("val_nll", "kl_to_teacher", "ood_nll", "ood_kl_to_teacher")
@@ -295,6 +299,8 @@ def _score_out_of_domain(
 
     corpus = settings.out_of_domain
     out = ctx.workdir / "out_of_domain"
+    if not distributed.is_leader():  # the same corpus, prepared beside process 0's, not over it
+        out = Path(tempfile.mkdtemp(prefix=f"out_of_domain.process-{distributed.process_index()}."))
     tokenizer = Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
     stats = prepare_scoring_corpus(corpus, tokenizer, out)
     ctx.log(f"evaluate: out-of-domain corpus ({corpus.source}): {stats}")

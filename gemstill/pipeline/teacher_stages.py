@@ -57,6 +57,7 @@ def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
         log=ctx.log,
         persist=ctx.persist,
         report_progress=ctx.progress,
+        gather=ctx.gather,
     )
 
 

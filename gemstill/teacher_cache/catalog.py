@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 CATALOG = "catalog.duckdb"
+PART = "catalog.process-{index}.duckdb"  # one process's shards in a multi-process run, until process 0 merges
+PART_GLOB = "catalog.process-*.duckdb"
 SHARDS = "shards"
 VALUE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 SHARD_SCHEMA = pa.schema(

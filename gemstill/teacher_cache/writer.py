@@ -13,19 +13,20 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
 from tqdm import tqdm
 
+from gemstill import distributed
 from gemstill.data.format import read_split
 from gemstill.data.targets import prediction_mask
 from gemstill.errors import GemstillError
@@ -38,6 +39,8 @@ from gemstill.teacher_cache.catalog import (
     CATALOG_DDL,
     ENCODING,
     IDENTITY,
+    PART,
+    PART_GLOB,
     SHARD_SCHEMA,
     SHARDS,
     VALUE_DTYPES,
@@ -131,10 +134,11 @@ def check_teacher(teacher: LoadedModel, data_dir: Path, k: int) -> str:
 
 
 class _Catalog:
-    """The shard catalog of one cache directory, opened only for each read or commit."""
+    """The shard catalog of one cache directory (or one process's part of it), opened only for each read or
+    commit."""
 
-    def __init__(self, out_dir: Path, identity: dict[str, Any], log: Callable[[str], None]):
-        self.out_dir, self.path, self.identity, self.log = out_dir, out_dir / CATALOG, identity, log
+    def __init__(self, out_dir: Path, identity: dict[str, Any], log: Callable[[str], None], name: str = CATALOG):
+        self.out_dir, self.path, self.identity, self.log = out_dir, out_dir / name, identity, log
         with connect_catalog(self.path) as con:
             con.execute(CATALOG_DDL)
         for row in catalog_rows(self.path):
@@ -195,6 +199,20 @@ class _Catalog:
             con.execute(f"INSERT INTO shards ({columns}) VALUES ({marks})", list(values.values()))
         return len(data)
 
+    def merge_parts(self) -> int:
+        """Register the shards the processes of a multi-process run catalogued in their own parts, then delete
+        the parts; the number of shards merged. Run by process 0 only (a part of a killed attempt included)."""
+        merged = 0
+        for part in sorted(self.out_dir.glob(PART_GLOB)):
+            with connect_catalog(self.path) as con:
+                con.execute(f"ATTACH '{part}' AS part (READ_ONLY)")
+                merged += con.execute(
+                    "INSERT INTO shards SELECT * FROM part.shards WHERE path NOT IN (SELECT path FROM shards)"
+                ).fetchone()[0]
+                con.execute("DETACH part")
+            part.unlink()
+        return merged
+
 
 def _shard_problem(file: Path, row: dict[str, Any]) -> str | None:
     """Why a catalogued shard cannot be trusted, or None when it is intact."""
@@ -215,10 +233,16 @@ def build_teacher_cache(
     log: Callable[[str], None] = print,
     persist: Callable[[Path], None] = lambda path: None,
     report_progress: Callable[[float], None] = lambda fraction: None,
+    gather: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards.
 
+    In a multi-process run (gemstill.distributed) process 0 verifies what is cached, the shards left are dealt
+    out to the processes in turn, each process catalogs its own in a part catalog, and process 0 merges the parts
+    once all are written: the shards are the bytes a one-process run writes.
+
     persist: called with each committed shard and then the catalog, so a remote store holds them at once.
+    gather: fetches the other processes' persisted files into out_dir (process 0, before it merges).
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -233,30 +257,48 @@ def build_teacher_cache(
         "seed": config.seed if config.mode == "sampled" else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    catalog = _Catalog(out_dir, identity, log)
-    work: list[tuple[str, tuple[int, int], dict[str, np.ndarray]]] = []
-    for split in config.splits:
-        data = read_split(data_dir, split)
-        count = len(data["seq_index"])
-        plan = {(lo, min(lo + config.sequences_per_shard, count)) for lo in range(0, count, config.sequences_per_shard)}
-        done = catalog.verified(split, plan, data["seq_id"])
-        work += [(split, span, data) for span in sorted(plan - done)]
-        log(f"teacher_cache: {split}: {len(done)} of {len(plan)} shards already cached")
+    splits = {split: read_split(data_dir, split) for split in config.splits}
+    spans: list[tuple[str, int, int]] = []
+    if distributed.is_leader():  # only process 0 touches the catalog before the work is split
+        catalog = _Catalog(out_dir, identity, log)
+        if merged := catalog.merge_parts():
+            log(f"teacher_cache: {merged} shards of a killed multi-process attempt merged into the catalog")
+        for split, data in splits.items():
+            count, per_shard = len(data["seq_index"]), config.sequences_per_shard
+            plan = {(lo, min(lo + per_shard, count)) for lo in range(0, count, per_shard)}
+            done = catalog.verified(split, plan, data["seq_id"])
+            spans += [(split, lo, hi) for lo, hi in sorted(plan - done)]
+            log(f"teacher_cache: {split}: {len(done)} of {len(plan)} shards already cached")
+    spans = [tuple(span) for span in json.loads(distributed.share("teacher_cache work", json.dumps(spans)))]
+    processes, index = distributed.process_count(), distributed.process_index()
+    mine = _Catalog(out_dir, identity, log, CATALOG if processes == 1 else PART.format(index=index))
+    work = [(split, (lo, hi), splits[split]) for split, lo, hi in spans[index::processes]]
+    if processes > 1:
+        log(f"teacher_cache: process {index} computes {len(work)} of the {len(spans)} shards left")
 
     graphdef, state = nnx.split(teacher.model)
+    devices = jax.local_devices()
+    # each local device computes whole batches of the shape a one-device run uses: the same bytes, in parallel
+    replicas = [jax.device_put(state, d) for d in devices] if len(devices) > 1 else [state]
+    batches_sent = 0
 
     def dispatch(item: tuple[str, tuple[int, int], dict[str, np.ndarray]]) -> list[Summary]:
-        """Queue every batch of a shard (JAX runs them asynchronously); short batches repeat rows to keep one shape."""
+        """Queue every batch of a shard (JAX runs them asynchronously, each batch on the next local device);
+        short batches repeat rows to keep one shape."""
+        nonlocal batches_sent
         _, (lo, hi), data = item
         outs = []
         for start in range(lo, hi, config.batch_size):
+            slot = batches_sent % len(replicas)
+            batches_sent += 1
             rows = np.resize(np.arange(start, min(start + config.batch_size, hi)), config.batch_size)
+            columns = ("tokens", "positions", "segment_ids", "seq_index")
             outs.append(
                 teacher_summary(
                     graphdef,
-                    state,
-                    *(jnp.asarray(data[name][rows]) for name in ("tokens", "positions", "segment_ids", "seq_index")),
-                    jnp.asarray(config.seed),
+                    replicas[slot],
+                    *(jax.device_put(data[name][rows], devices[slot]) for name in columns),
+                    jax.device_put(np.asarray(config.seed), devices[slot]),
                     k=config.k,
                     temperature=config.temperature,
                     sampled=config.mode == "sampled",
@@ -267,24 +309,33 @@ def build_teacher_cache(
     total = sum(int(prediction_mask(data["loss_mask"][lo:hi]).sum()) for _, (lo, hi), data in work)
     computed = 0
     compute_started = time.perf_counter()
+    ahead = len(replicas)  # shards queued beyond the one being written: every local device stays busy
     with tqdm(total=total, desc="teacher cache", unit="tok", unit_scale=True) as progress:
-        pending = dispatch(work[0]) if work else []
+        pending = [dispatch(item) for item in work[:ahead]]
         for i, (split, (lo, hi), data) in enumerate(work):
-            outs, pending = pending, dispatch(work[i + 1]) if i + 1 < len(work) else []
+            outs = pending.pop(0)
+            if i + ahead < len(work):
+                pending.append(dispatch(work[i + ahead]))
             summary = Summary(*(np.concatenate(parts)[: hi - lo] for parts in zip(*jax.device_get(outs), strict=True)))
             mask = prediction_mask(data["loss_mask"][lo:hi])
             table, sums = shard_table(data["seq_index"][lo:hi], data["seq_id"][lo:hi], mask, summary, config.values)
-            size = catalog.commit(split, (lo, hi), table, sums)
+            size = mine.commit(split, (lo, hi), table, sums)
             persist(out_dir / shard_path(split, lo, hi))
-            persist(catalog.path)
+            persist(mine.path)
             computed += sums["tokens"]
             progress.update(sums["tokens"])
             report_progress(computed / total if total else 1.0)
             log(f"teacher_cache: {split} [{lo}, {hi}): {sums['tokens']} tokens, {size} bytes")
+    distributed.barrier("teacher_cache shards written")
+    if processes > 1 and distributed.is_leader():
+        gather()  # a remote store: the parts and shards the other processes persisted
+        _Catalog(out_dir, identity, log).merge_parts()
+        persist(out_dir / CATALOG)
+    computed = sum(int(prediction_mask(splits[sp]["loss_mask"][lo:hi]).sum()) for sp, lo, hi in spans)
     compute_seconds = time.perf_counter() - compute_started
     metrics = _totals(catalog.path, config.splits)
     metrics.update(
-        computed_shards=len(work),
+        computed_shards=len(spans),  # by every process
         computed_tokens=computed,
         seconds=time.perf_counter() - started,
         compute_seconds=compute_seconds,  # the shard loop alone: without fingerprinting and verification
