@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -244,8 +245,73 @@ def check_cross_mesh_restore(tmp: Path) -> None:
             assert restored["params"]["embedding"].sharding.is_fully_replicated  # params are not split over data
 
 
+def _allocated(compiled) -> int:
+    """Bytes one device holds for a compiled program: its live arguments and outputs, and its scratch."""
+    a = compiled.memory_analysis()
+    return a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
+
+
+# the stages' per-device memory estimates against XLA's compiled memory analysis of what they run, on the tiny
+# profile: within this factor (fusion and layout decide the activations XLA keeps; measured 1.2x to 2.4x)
+MEMORY_FACTOR = (0.7, 3.0)
+
+
+def check_memory_estimates(_: Path) -> None:
+    from gemstill.distill.optim import make_optimizer
+    from gemstill.distill.placement import Placement
+    from gemstill.distill.run import Run, Teacher, initial_params
+    from gemstill.distill.step import make_train_step
+    from gemstill.distill.strategies import TERMS
+    from gemstill.model import abstract_model
+    from gemstill.pipeline.profile import load_profile
+    from gemstill.pipeline.student_stages import student_config, train_baseline_memory
+    from gemstill.pipeline.teacher import teacher_config
+    from gemstill.pipeline.teacher_stages import teacher_cache_memory
+    from gemstill.teacher_cache.compute import teacher_summary
+
+    for sizes, extra in (((8, 1, 1), {}), ((2, 2, 2), {}), ((1, 8, 1), {}), ((2, 4, 1), {"data.seq_len": 512})):
+        mesh_keys = {
+            f"hardware.mesh.{axis}": size for axis, size in zip(("data", "fsdp", "tensor"), sizes, strict=True)
+        }
+        profile = load_profile("tiny", {**mesh_keys, **extra})[0]
+        teacher = teacher_config(profile)
+        student = student_config(profile, teacher)
+        run = Run(
+            student, to_flat(build_model(student)), (), profile.distill, profile.training, Teacher(teacher, None, None)
+        )
+        mesh = make_mesh(*sizes)
+        place = Placement(mesh, profile.training)
+        optimizer = make_optimizer(profile.training.optimizer, profile.training.steps)
+        params, param_shardings = place.params(initial_params(run))
+        opt_state, state_shardings = place.optimizer_state(optimizer, params, param_shardings)
+        scalar = place.replicated()
+        step = make_train_step(run, optimizer, (param_shardings, state_shardings, {n: scalar for n in TERMS}, scalar))
+        training = profile.training
+        shape = (training.grad_accum, training.batch_size // training.grad_accum, profile.data.seq_len)
+        batch = {
+            name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "weights" else jnp.int32, sharding=place.batch())
+            for name in ("tokens", "positions", "segment_ids", "labels", "weights")
+        }
+        with jax.set_mesh(mesh):  # as train() compiles it
+            compiled = step.lower(params, opt_state, None, batch, jnp.asarray(0)).compile()
+        ratio = _allocated(compiled) / train_baseline_memory(profile)["total"]
+        assert MEMORY_FACTOR[0] <= ratio <= MEMORY_FACTOR[1], f"training step on mesh {sizes} {extra}: {ratio:.2f}x"
+
+    # the teacher cache: every device runs whole batches of teacher_cache.batch_size sequences
+    graphdef, state = nnx.split(abstract_model(teacher))
+    rows = jax.ShapeDtypeStruct((profile.teacher_cache.batch_size, profile.data.seq_len), jnp.int32)
+    compiled = teacher_summary.lower(
+        graphdef, state, rows, rows, rows, jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32), k=profile.teacher_cache.k, temperature=1.0, sampled=False,
+    ).compile()  # fmt: skip
+    ratio = _allocated(compiled) / teacher_cache_memory(profile)["total"]
+    assert MEMORY_FACTOR[0] <= ratio <= MEMORY_FACTOR[1], f"teacher cache: {ratio:.2f}x"
+
+
 _RESULT = "gemstill-check-result: "
-CHECKS = {f.__name__: f for f in (check_param_specs, check_train_step, check_cross_mesh_restore)}
+CHECKS = {
+    f.__name__: f for f in (check_param_specs, check_train_step, check_cross_mesh_restore, check_memory_estimates)
+}
 
 
 @pytest.fixture(scope="module")

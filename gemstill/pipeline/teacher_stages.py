@@ -67,9 +67,12 @@ def pretrain_memory(profile: Profile) -> dict[str, int]:
         return {}
     config = teacher_config(profile)
     mem = estimate(config)
-    tokens = scratch.training.batch_size * profile.data.seq_len // profile.hardware.mesh.data
-    # params + fp32 gradients + two AdamW moments; activations kept for the backward pass, layer by layer
-    state = mem.param_bytes + 3 * 4 * (mem.param_bytes // np.dtype(config.jnp_param_dtype).itemsize)
+    mesh = profile.hardware.mesh
+    tokens = scratch.training.batch_size * profile.data.seq_len // (mesh.data * mesh.fsdp)
+    # params + fp32 gradients + two AdamW moments, split over fsdp x tensor; activations kept for the backward
+    # pass, layer by layer, for this device's rows
+    weights = mem.param_bytes // np.dtype(config.jnp_param_dtype).itemsize
+    state = (mem.param_bytes + 3 * 4 * weights) // (mesh.fsdp * mesh.tensor)
     activations = tokens * mem.activation_bytes_per_token * (config.num_layers + 1)
     return {"params_and_optimizer": state, "activations": activations, "total": state + activations}
 
@@ -79,6 +82,6 @@ def teacher_cache_memory(profile: Profile) -> dict[str, int]:
 
     config = teacher_config(profile)
     mem = estimate(config)
-    sequences = max(profile.teacher_cache.batch_size // profile.hardware.mesh.data, 1)
-    forward = mem.chunked_head_forward_bytes(sequences, profile.data.seq_len, CHUNK)
+    # every device holds the whole teacher and computes whole batches (the shards a one-device run writes)
+    forward = mem.chunked_head_forward_bytes(profile.teacher_cache.batch_size, profile.data.seq_len, CHUNK)
     return {"params": mem.param_bytes, "forward": forward, "total": mem.param_bytes + forward}
