@@ -25,14 +25,11 @@ STAGE_FLOW = "gemstill-stage"  # gemstill.tasks.stages.STAGE_FLOW, the flow of f
 
 
 def process_id(env: Mapping[str, str]) -> int:
-    """This process's number in the slice (0 when nothing names one: a one-process run)."""
-    for name in ("GEMSTILL_PROCESS_ID", "JOB_COMPLETION_INDEX"):
-        text = env.get(name, "").strip()
-        if text:
-            if not text.isdigit():
-                raise SystemExit(f"deploy/entrypoint.py: {name}={text!r} is not a process number")
-            return int(text)
-    return 0
+    """This process's number in the slice, read as gemstill.distributed reads it (0 in a one-process run)."""
+    from gemstill.distributed import from_environment
+
+    group = from_environment(env)
+    return 0 if group is None else group.index
 
 
 def stage_arguments(parameters: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,10 +25,12 @@ from gemstill import distributed
 from gemstill.pipeline.plan import Plan, make_plan, select_stages
 
 
-def _stage_task(plan: Plan, name: str, forced: set[str], on_pool: bool):
+def _stage_task(plan: Plan, name: str, forced: set[str], on_pool: bool, group: bool):
     planned = plan.stages[name]
     retries = planned.spec.retries
-    done = plan.store.manifest(name, planned.key) is not None
+    # every process of a multi-process run calls every stage, done ones included (they meet in run_stage, which
+    # finds the commit): a result one process's Prefect remembers and another's does not would part them
+    done = plan.store.manifest(name, planned.key) is not None and not group
     return (run_stage_on_pool if on_pool else run_pipeline_stage).with_options(
         name=f"stage:{name}",
         tags=[f"stage:{name}", f"task:{planned.spec.task}", f"profile:{plan.profile.name}"],
@@ -57,7 +59,8 @@ def distill(
     stages, forced = select_stages(plan, refresh or [], only)
     futures: dict[str, PrefectFuture] = {}
     # the processes of a multi-process run must meet every stage in the same order: one stage at a time
-    workers = 1 if distributed.from_environment(os.environ) else plan.profile.hardware.concurrent_stages
+    group = distributed.from_environment(os.environ) is not None
+    workers = 1 if group else plan.profile.hardware.concurrent_stages
     with ThreadPoolTaskRunner(max_workers=workers) as runner:
         for name in stages:
             planned = plan.stages[name]
@@ -68,7 +71,7 @@ def distill(
             logger.info("stage %s: submitted (%s)%s", name, planned.key, f" to work pool {pool}" if pool else "")
             on_pool = {"work_pool": pool, "job_variables": planned.spec.job_variables} if pool else {}
             futures[name] = runner.submit(
-                _stage_task(plan, name, forced, on_pool=bool(pool)),
+                _stage_task(plan, name, forced, on_pool=bool(pool), group=group),
                 parameters={
                     **on_pool,
                     "profile": profile,

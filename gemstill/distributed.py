@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -213,10 +213,46 @@ def agree(label: str, value: str, fix: str) -> None:
         raise GemstillError(f"{label}: process {other} has {values[other]} but process 0 has {values[0]}; {fix}")
 
 
-def gather_json(label: str, value: Any) -> list[Any]:
-    """Every process's `value` (JSON data), in process order: for results each process computed a part of."""
+def gather(label: str, value: Any) -> list[Any]:
+    """Every process's `value` (any picklable data: numbers, numpy arrays), in process order: the parts of a
+    result each process computed. The processes of one run trust each other's bytes."""
     if process_count() == 1:
         return [value]
     name = _names.name(label)
-    _client().key_value_set(f"{name}/{process_index()}", json.dumps(value))
-    return [json.loads(_client().blocking_key_value_get(f"{name}/{i}", WAIT_MS)) for i in range(process_count())]
+    _client().key_value_set_bytes(f"{name}/{process_index()}", pickle.dumps(value))
+    return [
+        pickle.loads(_client().blocking_key_value_get_bytes(f"{name}/{i}", WAIT_MS)) for i in range(process_count())
+    ]
+
+
+def on_each_device(tree: Any) -> dict[Any, Any]:
+    """`tree` (a model's state) on every local device, by device; with one device, where it already is."""
+    import jax
+
+    devices = jax.local_devices()
+    return {devices[0]: tree} if len(devices) == 1 else {d: jax.device_put(tree, d) for d in devices}
+
+
+def map_batches(
+    label: str, count: int, compute: Callable[[int, Any], Any], done: Callable[[int], None] = lambda n: None
+) -> list[Any]:
+    """compute(i, device) for every batch i < count, in every process, in batch order.
+
+    The data-parallel pattern of the stages that reduce over batches (teacher-cache-like evaluation, CKA, width
+    importance): batches are dealt out to the processes in turn and, within a process, to its local devices in
+    turn; each device runs whole batches of the shape a one-device run uses, so every result is the one a
+    one-device run computes, and reducing them in batch order gives its exact totals. `compute` dispatches on
+    the device it is given; the results of a round (one batch per local device) are fetched together, and
+    done(batches this process has finished) is called after each round."""
+    import jax
+
+    devices = jax.local_devices()
+    mine = list(range(process_index(), count, process_count()))
+    results: dict[int, Any] = {}
+    for first in range(0, len(mine), len(devices)):
+        launched = [(i, compute(i, d)) for i, d in zip(mine[first : first + len(devices)], devices, strict=False)]
+        results.update({i: jax.device_get(out) for i, out in launched})
+        done(len(results))
+    for part in gather(label, results):
+        results.update(part)
+    return [results[i] for i in range(count)]

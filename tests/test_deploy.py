@@ -269,16 +269,20 @@ def test_prefect_yaml_deploys_the_stage_flow_to_each_pool():
 
 
 def test_entrypoint_process_zero_runs_prefect_the_others_follow():
+    from gemstill.errors import GemstillError
+
+    group = {"GEMSTILL_COORDINATOR_ADDRESS": "gemstill-0.slice:8476", "GEMSTILL_NUM_PROCESSES": "4"}
     assert entrypoint.process_id({}) == 0
-    assert entrypoint.process_id({"JOB_COMPLETION_INDEX": "3"}) == 3
-    assert entrypoint.process_id({"JOB_COMPLETION_INDEX": "3", "GEMSTILL_PROCESS_ID": "1"}) == 1
+    assert entrypoint.process_id({**group, "JOB_COMPLETION_INDEX": "3"}) == 3
+    assert entrypoint.process_id({**group, "JOB_COMPLETION_INDEX": "3", "GEMSTILL_PROCESS_ID": "1"}) == 1
     ran, followed = [], []
     command = ["prefect", "flow-run", "execute"]
     for index in ("0", "2"):
-        entrypoint.main(command, {"JOB_COMPLETION_INDEX": index}, execute=ran.append, follower=followed.append)
-    assert ran == [command] and followed == [{"JOB_COMPLETION_INDEX": "2"}]
-    with pytest.raises(SystemExit, match="not a process number"):
-        entrypoint.process_id({"JOB_COMPLETION_INDEX": "x"})
+        env = {**group, "JOB_COMPLETION_INDEX": index}
+        entrypoint.main(command, env, execute=ran.append, follower=followed.append)
+    assert ran == [command] and followed == [{**group, "JOB_COMPLETION_INDEX": "2"}]
+    with pytest.raises(GemstillError, match="JOB_COMPLETION_INDEX='x' is not a non-negative integer"):
+        entrypoint.process_id({**group, "JOB_COMPLETION_INDEX": "x"})
 
 
 def test_follower_runs_the_flow_runs_stage(monkeypatch, tmp_path):

@@ -10,15 +10,12 @@ silent fall back to the unsplit call cannot pass.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
 import pytest
+from eight_devices import report, run_in_child
 from gemstill.kernels import _mesh
 from gemstill.kernels.attention import attention
 from gemstill.kernels.auto import _error, _value_and_grads
@@ -126,21 +123,11 @@ CHECKS = {
     "attention_222_batch_6_heads_only": lambda: _attention((2, 2, 2), context=False, with_segments=True, batch=6),
     "attention_data8_batch_3_unsplit": lambda: _attention((8, 1, 1), context=False, with_segments=True, batch=3),
 }
-_RESULT = "gemstill-check-result: "
 
 
 @pytest.fixture(scope="module")
 def eight_device_results() -> dict[str, str]:
-    """Run every check in one child process with 8 CPU devices (one jax start-up); each outcome by name."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT):
-            outcome = json.loads(line.removeprefix(_RESULT))
-            results[outcome["check"]] = outcome["error"]
-    assert set(results) == set(CHECKS), proc.stdout[-2000:] + proc.stderr[-4000:]
-    return results
+    return run_in_child(__file__, CHECKS)
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
@@ -165,13 +152,5 @@ def test_plan_splits_rows_over_data_fsdp_and_heads_over_tensor() -> None:
 
 
 if __name__ == "__main__":  # the child process of eight_device_results
-    import traceback
-
     assert jax.device_count() == 8
-    for name, check in CHECKS.items():
-        try:
-            check()
-            error = ""
-        except Exception:  # reported to the parent, which fails that check's test with this traceback
-            error = traceback.format_exc()
-        print(_RESULT + json.dumps({"check": name, "error": error}), flush=True)
+    report(CHECKS)

@@ -7,9 +7,7 @@ child process (this file run as a script with one check's name) and the rest of 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from eight_devices import report, run_in_child
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -308,7 +307,6 @@ def check_memory_estimates(_: Path) -> None:
     assert MEMORY_FACTOR[0] <= ratio <= MEMORY_FACTOR[1], f"teacher cache: {ratio:.2f}x"
 
 
-_RESULT = "gemstill-check-result: "
 CHECKS = {
     f.__name__: f for f in (check_param_specs, check_train_step, check_cross_mesh_restore, check_memory_estimates)
 }
@@ -316,17 +314,7 @@ CHECKS = {
 
 @pytest.fixture(scope="module")
 def eight_device_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Run every 8-device check in one child process (one jax start-up); each check's outcome by name."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    tmp = tmp_path_factory.mktemp("eight_devices")
-    proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True, timeout=300)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT):
-            outcome = json.loads(line.removeprefix(_RESULT))
-            results[outcome["check"]] = outcome["error"]
-    assert set(results) == set(CHECKS), proc.stdout[-2000:] + proc.stderr[-4000:]
-    return results
+    return run_in_child(__file__, CHECKS, str(tmp_path_factory.mktemp("eight_devices")))
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))
@@ -449,12 +437,4 @@ def test_an_unfinished_save_is_ignored(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":  # the child process of eight_device_results
-    import traceback
-
-    for name, check in CHECKS.items():
-        try:
-            check(Path(sys.argv[1]) / name)
-            error = ""
-        except Exception:  # reported to the parent, which fails that check's test with this traceback
-            error = traceback.format_exc()
-        print(_RESULT + json.dumps({"check": name, "error": error}), flush=True)
+    report(CHECKS, Path(sys.argv[1]))

@@ -464,8 +464,9 @@ PARAM_ATOL = 1e-4
 
 
 def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tmp_path):
-    """`gemstill launch` of 2 processes x 4 CPU devices on loopback: the teacher cache, the student's training on a
-    data=8 mesh, and a data-parallel evaluation, each against the one-process run."""
+    """`gemstill launch` of 2 processes x 4 CPU devices on loopback: the teacher cache, the layer map (CKA and NLL at
+    init), the student's training on a data=8 mesh, and a data-parallel evaluation, each against the one-process
+    run."""
     from gemstill.checkpoints.native import load_native
     from gemstill.teacher_cache.catalog import catalog_rows
 
@@ -493,6 +494,12 @@ def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tm
     assert ours_rows == [
         {k: v for k, v in r.items() if k not in strip} for r in catalog_rows(theirs / "catalog.duckdb")
     ]
+
+    # the layer map's CKA and every candidate's NLL at init, split over both processes: the one-process bytes
+    ours, theirs = stage_dir(store, "layer_map"), stage_dir(reference, "layer_map")
+    assert ours.name == theirs.name
+    for name in ("layer_map.json", "init_nll.json"):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
 
     one, two = stage_dir(reference, "train_student"), stage_dir(store, "train_student")
     history = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemstill import distributed
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3
 
@@ -116,20 +117,24 @@ def sampled_hidden_states(
     if total > max_tokens:
         keep[:] = False
         keep[np.random.default_rng(_SAMPLE_SEED).choice(total, max_tokens, replace=False)] = True
-    graphdef, state = nnx.split(model)
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(model.config.num_layers + 1)]
-    start = 0
-    for batch, mask in zip(batches, real, strict=True):
+    chosen, start = [], 0
+    for mask in real:
         flat = np.flatnonzero(mask)
-        chosen = flat[keep[start : start + flat.size]]
+        chosen.append(flat[keep[start : start + flat.size]])
         start += flat.size
-        if chosen.size == 0:
-            continue
-        states = _hidden_states(graphdef, state, batch["tokens"], batch["positions"], batch["segment_ids"])
-        for layer, hidden in enumerate(states):
-            tokens = hidden.reshape(-1, hidden.shape[-1])[jnp.asarray(chosen)]
-            per_layer[layer].append(np.asarray(tokens.astype(jnp.float32)))
-    return [np.concatenate(chunks) for chunks in per_layer]
+    work = [i for i, rows in enumerate(chosen) if rows.size]
+    graphdef, state = nnx.split(model)
+    replicas = distributed.on_each_device(state)
+
+    def compute(j: int, device: jax.Device) -> list[jax.Array]:
+        batch = {name: jax.device_put(a, device) for name, a in batches[work[j]].items()}
+        states = _hidden_states(graphdef, replicas[device], batch["tokens"], batch["positions"], batch["segment_ids"])
+        rows = jax.device_put(chosen[work[j]], device)
+        return [hidden.reshape(-1, hidden.shape[-1])[rows].astype(jnp.float32) for hidden in states]
+
+    # the batches split over processes and devices; every process gets every batch's rows, in batch order
+    per_batch = distributed.map_batches("cka hidden states", len(work), compute)
+    return [np.concatenate([np.asarray(layers[i]) for layers in per_batch]) for i in range(model.config.num_layers + 1)]
 
 
 def teacher_cka(

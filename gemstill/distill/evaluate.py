@@ -92,27 +92,22 @@ def evaluate_models(
     data = read_split(data_dir, split)
     rows = len(data["tokens"]) if max_sequences is None else min(max_sequences, len(data["tokens"]))
     models = [(c, from_flat(c.config, c.params, c.name)) for c in [teacher, *others]]
-    devices = jax.local_devices()
-    states = [(*nnx.split(m), c.config.embed_dim) for c, m in models]
-    # every model on every local device (a device computes whole batches); one device: where they already are
-    replicas = [[(g, jax.device_put(s, d), w) for g, s, w in states] for d in devices] if len(devices) > 1 else [states]
+    graphs = [(*nnx.split(m), c.config.embed_dim) for c, m in models]
+    # every model on every local device (a device computes whole batches)
+    replicas = distributed.on_each_device([state for _, state, _ in graphs])
     starts = list(range(0, rows, batch_size))
-    mine = starts[distributed.process_index() :: distributed.process_count()]
-    sums: dict[int, tuple[float, list[list[float]]]] = {}  # batch start -> (tokens, per tile [teacher nll, nll, kl..])
-    for first in range(0, len(mine), len(replicas)):  # a round: one batch per local device, dispatched together
-        launched = [
-            (start, _batch_sums(replicas[slot], device, data, start, min(start + batch_size, rows)))
-            for slot, (device, start) in enumerate(zip(devices, mine[first : first + len(replicas)], strict=False))
-        ]
-        for start, (tokens, tiles) in launched:
-            sums[start] = (tokens, [[float(v) for v in tile] for tile in jax.device_get(tiles)])
-        progress(f"evaluate: {min(mine[first + len(launched) - 1] + batch_size, rows)}/{rows} sequences")
-    for part in distributed.gather_json("evaluate sums", {str(k): v for k, v in sums.items()}):
-        sums.update({int(k): v for k, v in part.items()})
+
+    def compute(i: int, device: jax.Device):
+        states = [(g, s, width) for (g, _, width), s in zip(graphs, replicas[device], strict=True)]
+        return _batch_sums(states, device, data, starts[i], min(starts[i] + batch_size, rows))
+
+    def done(batches: int) -> None:
+        progress(f"evaluate: {batches}/{len(starts)} batches of {rows} sequences")
+
+    sums = distributed.map_batches("evaluate sums", len(starts), compute, done)
     totals = np.zeros((len(models), 2))
     tokens = 0.0
-    for start in starts:  # the order a one-device run adds them in
-        count, tiles = sums[start]
+    for count, tiles in sums:  # the order a one-device run adds them in
         for tile in tiles:
             totals[0, 0] += tile[0]  # and KL(teacher || teacher) = 0 exactly
             for i in range(1, len(models)):

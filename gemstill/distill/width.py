@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemstill import distributed
 from gemstill.config import Gemma3Config
 from gemstill.distill.cka import calibration_arrays
 from gemstill.distill.layer_map import LayerMap
@@ -92,19 +93,26 @@ def _channel_sums(graphdef: nnx.GraphDef, state: nnx.State, tokens, positions, s
     return _real_sum(sum(jnp.abs(r.astype(jnp.float32)) for r in read) / len(read), seen.mask)
 
 
-def _token_mean(model: Gemma3, batches: Iterable[Mapping[str, np.ndarray]], sums_of) -> np.ndarray:
-    """The per-token mean of `sums_of(graphdef, state, tokens, positions, segment_ids)` over the real tokens."""
+def _token_mean(model: Gemma3, batches: Sequence[Mapping[str, np.ndarray]], sums_of) -> np.ndarray:
+    """The per-token mean of `sums_of(graphdef, state, tokens, positions, segment_ids)` over the real tokens; the
+    batches are split over processes and devices (gemstill.distributed.map_batches), summed in batch order."""
     graphdef, state = nnx.split(model)
-    total, count = None, 0
-    for batch in batches:
-        arrays = {name: jnp.asarray(a) for name, a in calibration_arrays(batch).items()}
-        sums = np.asarray(sums_of(graphdef, state, arrays["tokens"], arrays["positions"], arrays["segment_ids"]))
-        total = sums if total is None else total + sums
-        count += int(np.sum(np.asarray(batch["segment_ids"]) > 0))
-    if total is None or count == 0:
+    replicas = distributed.on_each_device(state)
+    arrays = [calibration_arrays(batch) for batch in batches]
+
+    def compute(i: int, device: jax.Device) -> jax.Array:
+        placed = {name: jax.device_put(a, device) for name, a in arrays[i].items()}
+        return sums_of(graphdef, replicas[device], placed["tokens"], placed["positions"], placed["segment_ids"])
+
+    parts = distributed.map_batches("width importance", len(arrays), compute)
+    count = sum(int(np.sum(a["segment_ids"] > 0)) for a in arrays)
+    if not parts or count == 0:
         raise GemstillError(
             "width importance needs calibration tokens; the sample has none: give more sample sequences"
         )
+    total = parts[0]
+    for sums in parts[1:]:
+        total = total + sums
     return total / count
 
 

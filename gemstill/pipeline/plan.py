@@ -239,12 +239,20 @@ def _run_stage_in_group(
                 plan.store.prepare(name, stage.key, refresh=fresh)
             distributed.barrier(f"stage {name} prepared")
             metrics = None
-            if stage.task.collective:
-                workdir = plan.store.join(name, stage.key, refresh=fresh)
-                metrics = _compute(plan, name, fresh, workdir, log, progress)
-            elif leader:
-                with distributed.alone():
-                    metrics = _compute(plan, name, fresh, plan.store.join(name, stage.key, fresh), log, progress)
+            try:
+                if stage.task.collective:
+                    workdir = plan.store.join(name, stage.key, refresh=fresh)
+                    metrics = _compute(plan, name, fresh, workdir, log, progress)
+                elif leader:
+                    with distributed.alone():
+                        metrics = _compute(plan, name, fresh, plan.store.join(name, stage.key, fresh), log, progress)
+            except Exception as error:  # not retried here: a retry in one process alone would wait for the rest
+                message = " ".join(str(error).split())[:300]
+                raise GemstillError(
+                    f"stage {name} failed in process {distributed.process_index()} of a multi-process run "
+                    f"({type(error).__name__}: {message}); the processes cannot retry it one by one: fix it, then "
+                    "start the run again to resume"
+                ) from error
             distributed.barrier(f"stage {name} computed")
             if leader:
                 plan.store.gather(name, stage.key, fresh)  # a remote store: the other processes' persisted files

@@ -61,6 +61,7 @@ BUILTIN.update(
     {
         "layer_map": StageTask(
             fn=student_stages.layer_map_stage,
+            collective=True,
             reads=("teacher", "student", "layer_map", "precision", "_teacher_identity"),
             validate=student_stages.validate_student,
         ),

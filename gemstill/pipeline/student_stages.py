@@ -70,7 +70,8 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
         labels = {metric: label for _, _, metric, label in WIDTHS}
         for metric, kept in widths.kept(config).items():
             ctx.log(f"layer_map: the student keeps the {kept} {labels[metric]} measured to matter most")
-    layer_map.save(ctx.workdir)
+    if distributed.is_leader():  # every process of a multi-process run measured the same map; one writes it
+        layer_map.save(ctx.workdir)
     ctx.log(f"layer_map: {settings.strategy} pairs (student, teacher): {layer_map.pairs}")
     metrics: dict[str, Any] = {"strategy": settings.strategy, "pairs": json.dumps(layer_map.pairs)}
     if widths is not None:
@@ -96,7 +97,8 @@ def layer_map_stage(ctx: StageContext) -> dict[str, Any]:
             progress=ctx.log,
         )
         table = {name: {"pairs": maps[name].pairs, "init_nll": nll[name]} for name in maps}
-        atomic_write_bytes(ctx.workdir / "init_nll.json", json.dumps({"teacher": nll["teacher"], **table}).encode())
+        if distributed.is_leader():
+            atomic_write_bytes(ctx.workdir / "init_nll.json", json.dumps({"teacher": nll["teacher"], **table}).encode())
         for name in maps:
             ctx.log(
                 f"layer_map: {name} student's validation NLL at init {nll[name]:.3f} (teacher {nll['teacher']:.3f})"

@@ -327,13 +327,15 @@ def build_teacher_cache(
             report_progress(computed / total if total else 1.0)
             log(f"teacher_cache: {split} [{lo}, {hi}): {sums['tokens']} tokens, {size} bytes")
     distributed.barrier("teacher_cache shards written")
-    if processes > 1 and distributed.is_leader():
+    if not distributed.is_leader():
+        return {"computed_shards": len(work)}  # process 0 merges the catalog and reports the whole cache
+    if processes > 1:
         gather()  # a remote store: the parts and shards the other processes persisted
         _Catalog(out_dir, identity, log).merge_parts()
         persist(out_dir / CATALOG)
     computed = sum(int(prediction_mask(splits[sp]["loss_mask"][lo:hi]).sum()) for sp, lo, hi in spans)
     compute_seconds = time.perf_counter() - compute_started
-    metrics = _totals(catalog.path, config.splits)
+    metrics = _totals(out_dir / CATALOG, config.splits)
     metrics.update(
         computed_shards=len(spans),  # by every process
         computed_tokens=computed,
