@@ -174,3 +174,24 @@ def test_a_checkpoint_written_by_two_processes_restores_on_one_and_on_four(two_p
     for count in (1, 4):
         for name, value in restored[2].items():
             np.testing.assert_array_equal(restored[count][name], value, err_msg=f"{name} on {count} process(es)")
+
+
+def test_a_multi_process_run_refuses_a_store_its_processes_cannot_share(tmp_path):
+    """A remote (fsspec) store is staged per process, where Orbax could not write one checkpoint from all."""
+    command = [
+        sys.executable,
+        "-m",
+        "gemstill",
+        "run",
+        "tiny",
+        "--store",
+        "memory://gemstill-test",
+        "--only",
+        "prepare_data",
+    ]
+    launched = subprocess.run(
+        [sys.executable, "-m", "gemstill", "launch", "--processes", "2", "--", *command],
+        capture_output=True, text=True, env={**_env(), "GEMSTILL_CACHE": str(tmp_path)}, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert launched.returncode != 0
+    assert "needs a store every process sees as a directory" in launched.stdout, launched.stdout[-3000:]

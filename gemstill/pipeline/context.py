@@ -30,8 +30,6 @@ class StageContext:
     persist: Callable[[Path], None] = lambda path: None
     # how far the stage is, 0..1 (long loops report it; the Prefect task shows it as a progress artifact)
     progress: Callable[[float], None] = lambda fraction: None
-    # in a multi-process run, process 0 fetches what the other processes persisted (a no-op for a local store)
-    gather: Callable[[], None] = lambda: None
 
     def training_data(self) -> Path:
         """The packed data a student trains on: the teacher's solutions where the pipeline has a

@@ -180,7 +180,6 @@ def _compute(
         input_keys=dict(stage.inputs),
         persist=lambda path: plan.store.persist(name, stage.key, fresh, path),
         progress=progress,
-        gather=lambda: plan.store.gather(name, stage.key, fresh),
     )
     return stage.task.fn(context)
 
@@ -213,6 +212,11 @@ def _run_stage_in_group(
     lease, decides whether the stage runs and commits the manifest; a collective stage (teacher cache, training)
     runs in every process, any other in process 0 alone while the rest wait."""
     stage = plan.stages[name]
+    if not plan.store.is_local:
+        raise GemstillError(
+            f"store {plan.store.root}: a multi-process run needs a store every process sees as a directory (Orbax "
+            "writes each process's part of a checkpoint there); mount it (NFS, GCS FUSE) and pass the mount point"
+        )
     distributed.agree(f"stage {name} key", stage.key, "every process must run the same code, profile, data and teacher")
     leader = distributed.is_leader()
     lease = None
@@ -255,7 +259,6 @@ def _run_stage_in_group(
                 ) from error
             distributed.barrier(f"stage {name} computed")
             if leader:
-                plan.store.gather(name, stage.key, fresh)  # a remote store: the other processes' persisted files
                 _commit(plan, name, fresh, started, metrics)
     finally:
         if lease is not None:

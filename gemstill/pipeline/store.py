@@ -104,19 +104,11 @@ class ArtifactStore:
         return workdir
 
     def join(self, stage: str, key: str, refresh: bool) -> Path:
-        """The work directory another process of the same run prepared: a remote store's partial work (of an
-        earlier attempt, or this run's process 0) is fetched into the local staging copy first."""
+        """The work directory process 0 of a multi-process run prepared, which every process writes in (the store
+        is a directory they all see: gemstill.pipeline.plan refuses any other in such a run)."""
         workdir = self.work_dir(stage, key, refresh)
         workdir.mkdir(parents=True, exist_ok=True)
-        if not self.is_local:
-            self._download_partial(stage, key + (REFRESH if refresh else ""), workdir)
         return workdir
-
-    def gather(self, stage: str, key: str, refresh: bool) -> None:
-        """Before process 0 commits a multi-process stage: fetch what the other processes persisted (a no-op for a
-        local store, which every process writes directly)."""
-        if not self.is_local:
-            self._download_partial(stage, key + (REFRESH if refresh else ""), self.work_dir(stage, key, refresh))
 
     def persist(self, stage: str, key: str, refresh: bool, path: Path) -> None:
         """Mirror a file or directory of the work directory to the store now (a no-op for a local store, where the

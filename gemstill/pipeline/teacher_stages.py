@@ -57,7 +57,6 @@ def teacher_cache_stage(ctx: StageContext) -> dict[str, Any]:
         log=ctx.log,
         persist=ctx.persist,
         report_progress=ctx.progress,
-        gather=ctx.gather,
     )
 
 

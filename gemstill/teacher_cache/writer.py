@@ -233,7 +233,6 @@ def build_teacher_cache(
     log: Callable[[str], None] = print,
     persist: Callable[[Path], None] = lambda path: None,
     report_progress: Callable[[float], None] = lambda fraction: None,
-    gather: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Fill out_dir with the teacher cache of every configured split, resuming from its committed shards.
 
@@ -242,7 +241,6 @@ def build_teacher_cache(
     once all are written: the shards are the bytes a one-process run writes.
 
     persist: called with each committed shard and then the catalog, so a remote store holds them at once.
-    gather: fetches the other processes' persisted files into out_dir (process 0, before it merges).
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -330,7 +328,6 @@ def build_teacher_cache(
     if not distributed.is_leader():
         return {"computed_shards": len(work)}  # process 0 merges the catalog and reports the whole cache
     if processes > 1:
-        gather()  # a remote store: the parts and shards the other processes persisted
         _Catalog(out_dir, identity, log).merge_parts()
         persist(out_dir / CATALOG)
     computed = sum(int(prediction_mask(splits[sp]["loss_mask"][lo:hi]).sum()) for sp, lo, hi in spans)
