@@ -458,9 +458,9 @@ def test_cot_distillation_trains_on_the_teachers_verified_solutions(full_run, ti
 
 TWO_PROCESSES = ["-m", "gemstill", "launch", "--processes", "2", "--devices-per-process", "4", "--"]
 # the student trained on 1 device and data-parallel on 2 processes x 4 devices: the same rows, only the order of the
-# cross-device sums differs, and Adam carries such differences through 40 steps
-LOSS_RTOL = 1e-4
-PARAM_ATOL = 1e-4
+# cross-device sums differs, and Adam carries such differences through 40 steps (measured: 2.5e-7 and 2.4e-7)
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
 
 
 def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tmp_path):
@@ -479,7 +479,7 @@ def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tm
     run = ["-m", "gemstill", "run", "tiny", "--pipeline", str(tmp_path / "pipeline.yaml"), "--store", str(store)]
     launched = subprocess.run(
         [sys.executable, *TWO_PROCESSES, sys.executable, *run, "--set", "hardware.mesh.data=8"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200,
+        cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"},
     )  # fmt: skip
     assert launched.returncode == 0, (launched.stdout + launched.stderr)[-4000:]
     assert "[1] process 1 of 2 (GEMSTILL_* environment): 4 local of 8 cpu devices" in launched.stdout
