@@ -203,11 +203,7 @@ def share(label: str, value: str) -> str:
 
 def agree(label: str, value: str, fix: str) -> None:
     """Refuse to go on, in every process alike, unless all processes hold the same `value`."""
-    if process_count() == 1:
-        return
-    name = _names.name(label)
-    _client().key_value_set(f"{name}/{process_index()}", value)
-    values = [_client().blocking_key_value_get(f"{name}/{i}", WAIT_MS) for i in range(process_count())]
+    values = gather(label, value)
     other = next((i for i, v in enumerate(values) if v != values[0]), None)
     if other is not None:
         raise GemstillError(f"{label}: process {other} has {values[other]} but process 0 has {values[0]}; {fix}")

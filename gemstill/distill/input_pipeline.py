@@ -94,18 +94,19 @@ class StepBatches:
     ):
         self.batches, self.steps = batches, range(start, stop)
         self.batch_size, self.seed, self.accum, self.sharding, self.depth = batch_size, seed, accum, sharding, depth
+        self.micro = batch_size // accum
+        self.block = process_rows(sharding, self.micro, axis=1, rank=3)  # the micro-batch rows this process reads
 
     def _make(self, step: int) -> StepBatch:
         """The step's [accum, micro, L] arrays, of which this process reads only the micro-batch rows its devices
         hold (all of them in a one-process run)."""
         rows = self.batches.step_rows(step, self.batch_size, self.seed)
-        micro = self.batch_size // self.accum
-        block = process_rows(self.sharding, micro, axis=1, rank=3)
-        grid = rows.reshape(self.accum, micro)[:, block]
+        grid = rows.reshape(self.accum, self.micro)[:, self.block]
         host = self.batches.get(grid.reshape(-1))
         local = {name: v.reshape(self.accum, grid.shape[1], *v.shape[1:]) for name, v in host.items()}
         tokens = int(self.batches.weight(rows))
-        return StepBatch(step, tokens, rows.size * self.batches.seq_len, place_rows(local, self.sharding, micro, 1))
+        arrays = place_rows(local, self.sharding, self.micro, axis=1)
+        return StepBatch(step, tokens, rows.size * self.batches.seq_len, arrays)
 
     def __iter__(self) -> Iterator[StepBatch]:
         return read_ahead((self._make(step) for step in self.steps), self.depth, "train-input-prefetch")

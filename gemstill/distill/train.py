@@ -52,12 +52,13 @@ def evaluate_objective(
     placement on a mesh the rows are split over data x fsdp, each process reading its own."""
     place = place or Placement(None, run.training)
     key = place.key(0)
+    sharding = place.rows()
+    block = process_rows(sharding, batch_size, axis=0, rank=2)  # the rows this process reads, in every batch
     totals = {name: 0.0 for name in TERMS}
     seen = 0
     for start in range(0, min(count * batch_size, batches.rows), batch_size):
         real = min(start + batch_size, batches.rows) - start
         rows = np.minimum(np.arange(start, start + batch_size), batches.rows - 1)
-        block = process_rows(place.rows(), batch_size, axis=0, rank=2)
         host = batches.get(rows[block])
         padding = np.arange(batch_size)[block] >= real
         host["segment_ids"][padding] = 0  # padding rows: every position masked, as a packed row's padding is
@@ -65,7 +66,7 @@ def evaluate_objective(
         weight = batches.weight(rows[:real])
         if weight == 0:
             continue
-        batch = place_rows(host, place.rows(), batch_size, axis=0)
+        batch = place_rows(host, sharding, batch_size, axis=0)
         _, parts = loss(params, teacher_params, batch, run.training.steps - 1, key, weight, train=False)
         for name in totals:
             totals[name] += float(parts[name]) * weight

@@ -277,7 +277,7 @@ def build_teacher_cache(
     graphdef, state = nnx.split(teacher.model)
     devices = jax.local_devices()
     # each local device computes whole batches of the shape a one-device run uses: the same bytes, in parallel
-    replicas = [jax.device_put(state, d) for d in devices] if len(devices) > 1 else [state]
+    replicas = distributed.on_each_device(state)
     batches_sent = 0
 
     def dispatch(item: tuple[str, tuple[int, int], dict[str, np.ndarray]]) -> list[Summary]:
@@ -287,14 +287,14 @@ def build_teacher_cache(
         _, (lo, hi), data = item
         outs = []
         for start in range(lo, hi, config.batch_size):
-            slot = batches_sent % len(replicas)
+            slot = batches_sent % len(devices)
             batches_sent += 1
             rows = np.resize(np.arange(start, min(start + config.batch_size, hi)), config.batch_size)
             columns = ("tokens", "positions", "segment_ids", "seq_index")
             outs.append(
                 teacher_summary(
                     graphdef,
-                    replicas[slot],
+                    replicas[devices[slot]],
                     *(jax.device_put(data[name][rows], devices[slot]) for name in columns),
                     jax.device_put(np.asarray(config.seed), devices[slot]),
                     k=config.k,
@@ -307,7 +307,7 @@ def build_teacher_cache(
     total = sum(int(prediction_mask(data["loss_mask"][lo:hi]).sum()) for _, (lo, hi), data in work)
     computed = 0
     compute_started = time.perf_counter()
-    ahead = len(replicas)  # shards queued beyond the one being written: every local device stays busy
+    ahead = len(devices)  # shards queued beyond the one being written: every local device stays busy
     with tqdm(total=total, desc="teacher cache", unit="tok", unit_scale=True) as progress:
         pending = [dispatch(item) for item in work[:ahead]]
         for i, (split, (lo, hi), data) in enumerate(work):
