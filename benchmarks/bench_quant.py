@@ -57,7 +57,7 @@ def _best(seconds: list[float]) -> float:
 def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Load one variant and time scoring and batch-1 decoding (runs in its own process)."""
     from gemstill.loading import load_model
-    from gemstill.quant import PackedWeight
+    from gemstill.quant.packed import PackedWeight
     from gemstill.sampler import Sampler, SamplingParams
     from gemstill.scoring import Scorer
 

@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from gemstill.kernels import lm_head
-from gemstill.kernels.attention import attention
 from gemstill.kernels.chunked_head import HeadStats, head_stats
-from gemstill.kernels.quant_matmul import quant_matmul, quantize_int8
+from gemstill.kernels.dispatch import attention, head_stats_dispatch, quant_matmul
+from gemstill.kernels.quant_matmul import quantize_int8
 
 KEPT = 64
 TEMPERATURE = 2.0
@@ -149,7 +149,7 @@ def speed_section(tokens: int, vocab: int, dim: int, repeats: int) -> None:
     w = jax.nn.softmax(jax.random.normal(keys[4], (tokens, KEPT)), axis=-1)
     grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))  # noqa: E731
     naive = grad(naive_loss)
-    fused = grad(stats_loss(lm_head.head_stats_dispatch))
+    fused = grad(stats_loss(head_stats_dispatch))
     t_naive, t_fused = (best_time(lambda f=f: f(h, table, ids, labels, w), repeats) for f in (naive, fused))
     print(f"fused loss fwd+bwd: naive {t_naive * 1e3:.1f} ms, fused {t_fused * 1e3:.1f} ms: {t_naive / t_fused:.2f}x")
 

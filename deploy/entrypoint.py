@@ -15,7 +15,6 @@ The process number is GEMSTILL_PROCESS_ID or, in a Kubernetes Indexed Job or Job
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -30,15 +29,6 @@ def process_id(env: Mapping[str, str]) -> int:
 
     group = from_environment(env)
     return 0 if group is None else group.index
-
-
-def stage_arguments(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments of flows/stage.py's one_stage for these flow run parameters, its defaults filled in."""
-    from gemstill.flows.stage import one_stage
-
-    bound = inspect.signature(one_stage.fn).bind(**parameters)
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def read_flow_run(flow_run_id: str) -> tuple[str, dict[str, Any], bool]:
@@ -64,19 +54,13 @@ def follow(env: Mapping[str, str], read: Callable[[str], tuple[str, dict[str, An
             f"deploy/entrypoint.py: flow run {flow_run_id} is of flow {flow_name!r}; a multi-host pool runs only "
             f"{STAGE_FLOW} flow runs (deploy flows/stage.py:one_stage to it and name the pool in a stage's work_pool)"
         )
-    args = stage_arguments(parameters)
-    from gemstill.errors import GemstillError
-    from gemstill.pipeline.plan import make_plan, run_stage
+    from gemstill.pipeline.plan import run_stage
+    from gemstill.pipeline.request import StageRequest
 
     # as run_stage_here in process 0 (tasks/stages.py), minus Prefect's logger and artifacts
-    plan = make_plan(args["profile"], args["pipeline"], args["store"], args["overrides"], restricted=from_deployment)
-    key = plan.stages[args["stage"]].key
-    if args["planned_key"] and key != args["planned_key"]:
-        raise GemstillError(
-            f"stage {args['stage']}: its key here is {key} but the flow planned {args['planned_key']}: this host "
-            "runs other code, profile, data or teacher than the flow"
-        )
-    run_stage(plan, args["stage"], fresh=args["fresh"], log=lambda line: print(line, flush=True))
+    request = StageRequest.model_validate(parameters["request"])
+    plan = request.plan(restricted=from_deployment)
+    run_stage(plan, request.stage, fresh=request.fresh, log=lambda line: print(line, flush=True))
 
 
 def main(

@@ -8,11 +8,12 @@ import datetime as dt
 from typing import Any
 
 from gemstill.tasks.nightly import evaluate_suite, record, select_models
-from gemstill.tasks.stages import artifact_key
+from gemstill.tasks.stages import artifact_key, deployment_run
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from gemstill.pipeline.profile import load_profile
+from gemstill.pipeline.plan import make_plan
+from gemstill.plots import embed_images
 
 
 @flow(name="nightly-eval", log_prints=True)
@@ -24,7 +25,7 @@ def nightly_eval(
     """Evaluate `profile`'s latest committed models; `overrides` set dotted profile keys (e.g. nightly.suites)."""
     logger = get_run_logger()
     run_time = dt.datetime.now(dt.UTC)
-    loaded, _ = load_profile(profile, overrides)
+    loaded = make_plan(profile, None, store, overrides, restricted=deployment_run()).profile  # checked, then read
     night = select_models(profile, store, overrides)
     rows: list[dict[str, Any]] = []
     for suite in loaded.nightly.suites:
@@ -37,7 +38,7 @@ def nightly_eval(
     )
     create_markdown_artifact(
         key=artifact_key(f"{loaded.name}-nightly-report"),
-        markdown=recorded.markdown,
+        markdown=embed_images(recorded.markdown, recorded.report.parent),
         description=f"tonight against the previous night; trend plot {recorded.trend}",
     )
     logger.info("nightly: %d rows recorded; report %s, trend %s", len(rows), recorded.report, recorded.trend)

@@ -13,16 +13,10 @@ from typing import Any
 from gemstill.tasks.stages import STAGE_FLOW, run_stage_here
 from prefect import flow
 
+from gemstill.pipeline.request import StageRequest
+
 
 @flow(name=STAGE_FLOW, log_prints=True)
-def one_stage(
-    profile: str,
-    stage: str,
-    pipeline: str | None = None,
-    store: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    fresh: bool = False,
-    planned_key: str = "",
-) -> dict[str, Any]:
-    """Run `stage` of `profile`'s plan here, refusing if its key is not `planned_key` (the calling flow's)."""
-    return run_stage_here(profile, stage, pipeline, store, overrides, fresh, planned_key)
+def one_stage(request: StageRequest) -> dict[str, Any]:
+    """Run the requested stage here, refusing if its key is not the one the calling flow planned."""
+    return run_stage_here(request)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pickle
 import re
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from gemstill import wire
 from gemstill.errors import GemstillError
 
 DEFAULT_PORT = 8476
@@ -94,6 +95,24 @@ def from_environment(env: Mapping[str, str]) -> ProcessGroup | None:
     return ProcessGroup(coordinator, count, index, local, source)
 
 
+def bind_address(coordinator: str, env: Mapping[str, str]) -> str:
+    """Where process 0's coordination service listens: GEMSTILL_COORDINATOR_BIND_ADDRESS, else the address its
+    own name resolves to (127.0.0.1 for `gemstill launch`; the pod's address on a slice), never every interface:
+    the service has no authentication, so it listens only where the other processes reach it."""
+    if chosen := env.get("GEMSTILL_COORDINATOR_BIND_ADDRESS"):
+        return chosen
+    host, _, port = coordinator.rpartition(":")
+    host = host.strip("[]")
+    try:
+        address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, ValueError) as err:
+        raise GemstillError(
+            f"coordinator {coordinator}: its host does not resolve here ({err}); set GEMSTILL_COORDINATOR_BIND_ADDRESS "
+            "to the address process 0 listens on"
+        ) from None
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 _UNSET = object()
 _joined: object = _UNSET  # the group this process joined (None: one process), once start() has run
 
@@ -116,6 +135,7 @@ def start(log: Callable[[str], None] = print) -> ProcessGroup | None:
                 num_processes=group.count,
                 process_id=group.index,
                 local_device_ids=list(group.local_device_ids) if group.local_device_ids is not None else None,
+                coordinator_bind_address=bind_address(group.coordinator, os.environ) if group.index == 0 else None,
             )
         except RuntimeError as err:
             raise GemstillError(
@@ -210,15 +230,13 @@ def agree(label: str, value: str, fix: str) -> None:
 
 
 def gather(label: str, value: Any) -> list[Any]:
-    """Every process's `value` (any picklable data: numbers, numpy arrays), in process order: the parts of a
-    result each process computed. The processes of one run trust each other's bytes."""
+    """Every process's `value` (plain values and numpy arrays, in gemstill.wire's encoding: nothing read from the
+    key-value store can run code), in process order: the parts of a result each process computed."""
     if process_count() == 1:
         return [value]
     name = _names.name(label)
-    _client().key_value_set_bytes(f"{name}/{process_index()}", pickle.dumps(value))
-    return [
-        pickle.loads(_client().blocking_key_value_get_bytes(f"{name}/{i}", WAIT_MS)) for i in range(process_count())
-    ]
+    _client().key_value_set_bytes(f"{name}/{process_index()}", wire.dumps(value))
+    return [wire.loads(_client().blocking_key_value_get_bytes(f"{name}/{i}", WAIT_MS)) for i in range(process_count())]
 
 
 def on_each_device(tree: Any) -> dict[Any, Any]:

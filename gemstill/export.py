@@ -9,6 +9,7 @@ Gemma Terms of Use where the gemma3-270m package ships them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -158,12 +159,12 @@ def export_model(
     from gemstill.checkpoints.hf import write_hf
     from gemstill.checkpoints.native import write_native
     from gemstill.params import check_flat
-    from gemstill.quant import GGUF_FORMATS, check_params
+    from gemstill.quant.codec import GGUF_FORMATS
+    from gemstill.quant.weights import check_params
 
     quant = check_request(fmt, quant)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise GemstillError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    check_out(out, overwrite)
     check_flat(config, flat, f"export to {out}")
     if fmt == "gguf":
         check_llama_cpp(config)
@@ -203,15 +204,50 @@ def export_model(
                 tokenizer.save(tmp)
         if card.license == GEMMA_TERMS and (terms := gemma_terms_file()) is not None:
             shutil.copyfile(terms, tmp / "GEMMA_TERMS.html")
+        (tmp / MARKER).write_text(json.dumps({"gemstill_export": 1, "format": fmt, "weights": quant}) + "\n")
         files = sorted([*(p.name for p in tmp.iterdir()), "README.md"])
         (tmp / "README.md").write_text(card.markdown(fmt, quant, files))
     return out
 
 
+MARKER = "gemstill-export.json"  # in every export: what --overwrite may replace
+
+
+def is_export(directory: Path) -> bool:
+    """Whether a directory holds a gemstill export (its marker; an older one, its model card)."""
+    if (directory / MARKER).is_file():
+        return True
+    card = directory / "README.md"
+    try:
+        return card.is_file() and "| export format |" in card.read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an export target that would replace what gemstill did not make: an existing directory unless
+    --overwrite and it holds a gemstill export; never a file, the working directory, one above it, or home."""
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved) or resolved == Path.home():
+        raise GemstillError(f"--out {out} is the working directory, one above it or home; name a new directory")
+    parent = next((p for p in resolved.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise GemstillError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise GemstillError(f"--out {out} is a file; choose a directory to create (an export is a directory)")
+    if out.exists() and not overwrite:
+        raise GemstillError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not is_export(out):
+        raise GemstillError(
+            f"{out} exists and holds no gemstill export (no {MARKER}); --overwrite replaces only an export: "
+            "choose another --out"
+        )
+
+
 def _cast(flat: Mapping[str, Any], quant: str) -> dict[str, Any]:
     import ml_dtypes
 
-    from gemstill.quant import float_array
+    from gemstill.quant.packed import float_array
 
     dtype = ml_dtypes.bfloat16 if quant == "bf16" else "float32"
     return {name: float_array(value).astype(dtype) for name, value in flat.items()}

@@ -29,30 +29,62 @@ _SHA256_CACHE = "file-sha256.json"
 
 
 def cached_file_sha256(path: Path, cache_dir: Path) -> str:
-    """file_sha256, remembered in `cache_dir` by (absolute path, size, mtime): a checkpoint is hashed once per
-    machine, and hashed again whenever it is replaced or touched."""
+    """file_sha256, remembered in `cache_dir` by (absolute path, size, mtime, ctime): a checkpoint is hashed once
+    per machine, and hashed again whenever it is replaced, touched or written to."""
+    return cached_file_sha256s([path], cache_dir)[0]
+
+
+def _entry(path: Path) -> str:
+    stat = path.stat()  # ctime too: no user can set it, and any write to the file moves it
+    return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+
+
+def _read_cache(cache_file: Path) -> dict[str, str]:
+    try:
+        known = json.loads(cache_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # a missing or damaged cache only costs a rehash
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(cache_file: Path, known: dict[str, str]) -> None:
     import sys
 
     from gemstill.fsutil import atomic_write_bytes
 
-    path = Path(path).resolve()
-    stat = path.stat()
-    entry = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    cache_file = Path(cache_dir) / _SHA256_CACHE
-    try:
-        known = json.loads(cache_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        known = {}  # a missing or damaged cache only costs a rehash
-    if entry in known:
-        return known[entry]
-    digest = file_sha256(path)
-    known = {k: v for k, v in known.items() if not k.startswith(f"{path}\0")}  # forget the file's old versions
-    known[entry] = digest
     try:
         atomic_write_bytes(cache_file, json.dumps(known, sort_keys=True).encode())
     except OSError as err:  # a read-only cache directory: hashing still works, only slower next time
-        sys.stderr.write(f"warning: cannot write {cache_file} ({err}); checkpoints will be rehashed\n")
-    return digest
+        sys.stderr.write(f"warning: cannot write {cache_file} ({err}); files will be rehashed\n")
+
+
+def cached_file_sha256s(paths: list[Path], cache_dir: Path) -> list[str]:
+    """cached_file_sha256 of many files, reading and writing the cache once."""
+    cache_file = Path(cache_dir) / _SHA256_CACHE
+    known = _read_cache(cache_file)
+    digests, changed = [], False
+    for path in paths:
+        path = Path(path).resolve()
+        entry = _entry(path)
+        if entry not in known:
+            known = {k: v for k, v in known.items() if not k.startswith(f"{path}\0")}  # forget its old versions
+            known[entry] = file_sha256(path)
+            changed = True
+        digests.append(known[entry])
+    if changed:
+        _write_cache(cache_file, known)
+    return digests
+
+
+def remember_sha256s(digests: Mapping[Path, str], cache_dir: Path) -> None:
+    """Record files' sha256 just computed (a store's commit), so verifying them later reads no byte."""
+    cache_file = Path(cache_dir) / _SHA256_CACHE
+    known = _read_cache(cache_file)
+    for path, digest in digests.items():
+        path = Path(path).resolve()
+        known = {k: v for k, v in known.items() if not k.startswith(f"{path}\0")}
+        known[_entry(path)] = digest
+    _write_cache(cache_file, known)
 
 
 def model_fingerprint(config: Gemma3Config, flat: Mapping[str, Any]) -> str:

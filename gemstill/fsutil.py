@@ -1,13 +1,34 @@
-"""Atomic writes: a reader sees either nothing or a complete file/directory, never a half-written one."""
+"""Atomic writes: a reader sees either nothing or a complete file/directory, never a half-written one.
+
+Both get the permissions a plain write would (0666 / 0777 less the user's umask), not the 0600 / 0700 of the
+temporary names they are written under: a shared store or a served export stays readable to the others who need
+it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+@functools.cache
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which races with
+    other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # no /proc: read it the only other way, once
+    os.umask(current)
+    return current
 
 
 @contextlib.contextmanager
@@ -16,6 +37,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~umask())
     try:
         yield tmp
         if target.exists():
@@ -35,6 +57,7 @@ def atomic_write_bytes(target: Path, data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

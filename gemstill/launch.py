@@ -8,6 +8,7 @@ the next barrier), so the launch exits with the failure's code and can be run ag
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,9 +19,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gemstill import interrupt
 from gemstill.errors import GemstillError
 
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 3.0  # within gemstill.interrupt's grace: a launch stopped by Ctrl-C stops its processes first
 
 
 def free_port() -> int:
@@ -103,6 +105,7 @@ def launch(
         relay.start()
         relays.append(relay)
     code = 0
+    forget = interrupt.on_exit(lambda: _kill(children))  # a forced exit leaves no process behind
     try:
         while code == 0 and any(child.poll() is None for child in children):
             failed = next((c for c in children if c.poll() not in (None, 0)), None)
@@ -114,10 +117,19 @@ def launch(
             time.sleep(0.2)
         else:
             code = next((c.returncode for c in children if c.returncode), 0)
-    except KeyboardInterrupt:
-        code = 130
+    except interrupt.Interrupted:  # Ctrl-C or SIGTERM: the processes stop first (a relaunch resumes them)
+        _stop(children)
+        raise
     finally:
         _stop(children)
+        forget()
         for relay in relays:
-            relay.join(timeout=5)
+            relay.join(timeout=1)
     return code
+
+
+def _kill(children: Sequence[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)

@@ -57,7 +57,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load_checkpoint(spec: str, packed: bool = False) -> tuple[Gemma3Config, dict[str, Any], Tokenizer | None]:
     """Config, flat parameters and tokenizer of a spec, without building the model.
 
-    packed: Q8_0/Q4_0 tensors of a GGUF stay quantized in memory (gemstill.quant.PackedWeight).
+    packed: Q8_0/Q4_0 tensors of a GGUF stay quantized in memory (gemstill.quant.packed.PackedWeight).
     """
     scheme, location = parse_spec(spec)
     if scheme == "alias":
@@ -147,7 +147,8 @@ def load_model(
     packed: a GGUF's Q8_0/Q4_0 weights stay quantized in memory. quantize (int8, q8_0, q4_0): quantize every
     linear layer and the embedding on load and keep them packed (round to nearest, as the quantize stage does).
     """
-    from gemstill.quant import check_format, packed_params
+    from gemstill.quant.codec import check_format
+    from gemstill.quant.weights import packed_params
 
     config, flat, tokenizer = load_checkpoint(spec, packed=packed or quantize is not None)
     if quantize is not None:

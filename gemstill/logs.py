@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from pathlib import Path
 
 
@@ -35,4 +36,39 @@ def quiet_tracebacks(log_file: Path) -> Path:
     to_file = logging.FileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(to_file)
+    return log_file
+
+
+def _until_interrupted(record: logging.LogRecord) -> bool:
+    from gemstill import interrupt
+
+    return interrupt.received() is None
+
+
+RUN_LOGGER = "gemstill.run"  # one line per stage as it ends: the flow writes it, `gemstill run` shows it
+
+
+def run_terminal(log_file: Path) -> Path:
+    """The terminal of `gemstill run`: the one line per stage of the `gemstill.run` logger, warnings and errors
+    (without tracebacks), and the progress bars; everything else (every Prefect and stage log record, at INFO,
+    tracebacks included) goes to `log_file` only."""
+    quiet_tracebacks(log_file)
+    for handler in logging.getLogger().handlers:
+        is_terminal = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if is_terminal:
+            handler.setLevel(max(handler.level, logging.WARNING))
+            handler.addFilter(_until_interrupted)  # after a Ctrl-C, the run's own one line says what happened
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO)
+    prefect = logging.getLogger("prefect")
+    if prefect.getEffectiveLevel() > logging.INFO:  # PREFECT_LOGGING_LEVEL quietens the terminal, not the file
+        prefect.setLevel(logging.INFO)
+    progress = logging.getLogger(RUN_LOGGER)
+    progress.setLevel(logging.INFO)
+    if not any(getattr(h, "gemstill_run", False) for h in progress.handlers):
+        terminal = logging.StreamHandler(sys.stdout)
+        terminal.setFormatter(logging.Formatter("%(message)s"))
+        terminal.gemstill_run = True  # type: ignore[attr-defined]
+        progress.addHandler(terminal)
     return log_file

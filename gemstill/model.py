@@ -17,9 +17,9 @@ from flax import nnx
 
 from gemstill.config import Gemma3Config
 from gemstill.kernels._mesh import plan as mesh_plan
-from gemstill.kernels.attention import attention
+from gemstill.kernels.dispatch import attention
 from gemstill.kernels.masks import attention_mask
-from gemstill.quant import PackedWeight
+from gemstill.quant.packed import PackedWeight
 
 _MASKED = -2.3819763e38  # large finite negative: fully masked rows (padding) stay NaN-free
 
@@ -310,7 +310,7 @@ class Gemma3(nnx.Module):
         block (its residual update is not computed at all), s > 0 multiplies its residual update by s (1 / keep
         probability, so inference needs no rescaling). remat ("block", "dots" or "dots_no_batch") rematerializes
         each block in the backward pass under that jax.checkpoint policy. attention_impl (None: the dense code
-        here) routes cache-free attention through gemstill.kernels.attention ("auto", "xla", "pallas", ...).
+        here) routes cache-free attention through gemstill.kernels.dispatch.attention ("auto", "xla", "pallas", ...).
         """
         if cache is not None and (layer_scale is not None or remat is not None):
             raise ValueError("layer_scale and remat are for training forward passes, not cached decoding")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flax import nnx
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.model import Gemma3, abstract_model
-from gemstill.quant import PackedWeight
+from gemstill.quant.packed import PackedWeight
 
 LAYER_PARAMS = (
     "pre_attn_norm.scale",
@@ -123,3 +124,16 @@ class ParamBinder:
         state = jax.tree.map(lambda x: x, self._template)  # fresh containers: the template is never mutated
         nnx.replace_by_pure_dict(state, nested)
         return nnx.merge(self.graphdef, state)
+
+
+def check_finite(flat: Mapping[str, Any], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first tensor: a damaged file (flipped bytes) or a diverged
+    run would otherwise score NaN and pass as a result. Packed weights are checked by their scales."""
+    for name, value in flat.items():
+        array = value.scales if isinstance(value, PackedWeight) else value
+        finite = np.isfinite(array).all() if isinstance(array, np.ndarray) else bool(jnp.all(jnp.isfinite(array)))
+        if not finite:
+            raise GemstillError(
+                f"{source}: tensor {name} holds NaN or Inf; the checkpoint is damaged or its training diverged: "
+                "recompute or re-download it"
+            )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,3 +36,21 @@ def save_loss_curve(path: Path, history: Sequence[dict[str, float]], title: str,
     axes.set_title(title)
     axes.grid(alpha=0.3)
     return save_figure(path, figure)
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def embed_images(markdown: str, directory: Path) -> str:
+    """The markdown with every `![alt](file.png)` whose file exists (relative to `directory`, or absolute) as a
+    base64 data URI, so it shows where the store's files cannot be reached (a Prefect UI artifact)."""
+
+    def inline(match: re.Match[str]) -> str:
+        path = Path(match.group(2))
+        path = path if path.is_absolute() else Path(directory) / path
+        if not path.is_file():
+            return match.group(0)
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group(1)}](data:image/png;base64,{encoded})"
+
+    return _IMAGE_LINK.sub(inline, markdown)

@@ -1,13 +1,13 @@
-"""How a kernel dispatch picks its path: the compiled Pallas kernel, an interpreter of it, or plain XLA.
+"""The explicit kernel implementations and what each runs: the compiled Pallas kernel, an interpreter of it, or XLA.
 
-Every dispatch in gemstill.kernels takes `implementation`:
-  "auto"       the Pallas kernel on TPU once a compiled check has passed in this process (gemstill.kernels.auto),
-               the XLA path elsewhere (CPU, and GPU until the Mosaic GPU ports land) or when the check fails
   "xla"        the XLA path (chunked or reference jnp code)
   "pallas"     the compiled Pallas kernel (TPU)
   "interpret"  the Pallas kernel run by Pallas' generic interpreter on any backend (tests, CPU)
   "interpret_tpu"  the Pallas kernel under TPU-semantics interpret mode (simulated VMEM/SMEM, DMAs, semaphores)
 The kernels are written for Mosaic TPU (block specs, VMEM scratch, scalar prefetch); GPU runs the XLA path.
+The dispatches in gemstill.kernels.dispatch take one of these or "auto", which that module resolves (through
+gemstill.kernels.auto) to an explicit choice. This module is the bottom layer of gemstill.kernels: the kernel
+modules import it, and it imports none of them.
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from typing import Any
 
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "interpret", "interpret_tpu")
+EXPLICIT = ("xla", "pallas", "interpret", "interpret_tpu")
 
 
-def resolve(implementation: str) -> tuple[bool, Any]:
-    """(use the Pallas kernel?, the `interpret` argument for pallas_call) for a dispatch's `implementation`."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r}: use one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        from .auto import auto_choice  # imported here: the check runs the kernels, which import this module
-
-        return auto_choice().pallas, False
+def resolve_explicit(implementation: str) -> tuple[bool, Any]:
+    """(use the Pallas kernel?, the `interpret` argument for pallas_call) for one of the EXPLICIT implementations."""
+    if implementation not in EXPLICIT:
+        raise ValueError(f"implementation={implementation!r}: use one of {EXPLICIT}")
     if implementation == "xla":
         return False, False
     if implementation == "pallas":

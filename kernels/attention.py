@@ -19,7 +19,8 @@ an all-masked row returns the mean of V instead. Such rows are padding, never re
 
 On a device mesh the kernels run under shard_map: examples split over data x fsdp, heads over tensor when the kv
 heads divide evenly (a query head's kv head stays on its device). Attention mixes nothing across examples or kv
-heads, so no reduction crosses devices.
+heads, so no reduction crosses devices (`flash_attention_on_mesh`). gemstill.kernels.dispatch.attention picks
+between these kernels and `attention_reference`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from ._dispatch import resolve, round_up
+from ._dispatch import round_up
 from ._mesh import AnyMesh, plan, shard_mapped
 from .masks import attention_mask
 
@@ -81,7 +82,7 @@ def attention_reference(
     return out.reshape(batch, steps, heads, head_dim)
 
 
-def attention(
+def flash_attention_on_mesh(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
@@ -92,31 +93,18 @@ def attention(
     kv_segments: jax.Array | None = None,
     window: int | None,
     softcap: float | None,
-    implementation: str = "auto",
     block_q: int = DEFAULT_BLOCK_Q,
     block_kv: int = DEFAULT_BLOCK_KV,
+    interpret: Any = False,
     mesh: AnyMesh | None = None,
 ) -> jax.Array:
-    """Dispatch: the flash kernels on TPU, `attention_reference` elsewhere (see gemstill.kernels._dispatch).
+    """`flash_attention` split over a device mesh by shard_map: the kernel path of gemstill.kernels.dispatch.attention.
 
     q [B,T,N,H] (RoPE'd, normed, times the query scale), k/v [B,S,K,H] with K dividing N; positions [B,T]/[B,S]
     int32 (-1: padding key); segments [B,T]/[B,S] or None. Rows with no visible key differ (see module doc).
     mesh: where the kernels run split over examples and heads (default: the mesh set by jax.set_mesh, if any);
-    see gemstill.kernels._mesh.plan for when they run unsplit. The XLA path ignores it.
+    see gemstill.kernels._mesh.plan for when they run unsplit.
     """
-    use_kernel, interpret = resolve(implementation)
-    if not use_kernel:
-        return attention_reference(
-            q,
-            k,
-            v,
-            q_positions=q_positions,
-            kv_positions=kv_positions,
-            q_segments=q_segments,
-            kv_segments=kv_segments,
-            window=window,
-            softcap=softcap,
-        )
 
     def kernel(q, k, v, q_positions, kv_positions, q_segments, kv_segments):
         return flash_attention(
@@ -173,7 +161,7 @@ def flash_attention(
     block_kv: int = DEFAULT_BLOCK_KV,
     interpret: Any = False,
 ) -> jax.Array:
-    """The kernel path of `attention` (custom VJP: gradients for q, k, v; none for positions and segments)."""
+    """The kernel path of dispatch.attention, unsplit (custom VJP: gradients for q, k, v, none for the rest)."""
     q_segments, kv_segments = _segments(q_segments, kv_segments)
     if q_segments is None:
         q_segments = jnp.zeros(q_positions.shape, jnp.int32)

@@ -12,10 +12,10 @@ derivative) is formed tile by tile in two kernels: one reduces over the vocabula
 tokens for d_table (the flash-attention dq / dkv split, which keeps every output block resident while it is
 reduced). The kept/label terms of dz are one-hot, so their share of the gradient is a gather and a scatter-add.
 
-`head_stats_dispatch` is what the losses call: the kernel on TPU, the chunked XLA `head_stats` elsewhere. On a
-device mesh the kernel runs under shard_map: tokens split over data x fsdp, the table passed whole (gathered
-once per call; its gradient is summed over the devices by shard_map's transpose); every head statistic is a
-per-token value, so nothing else crosses devices.
+gemstill.kernels.dispatch.head_stats_dispatch is what the losses call: the kernel on TPU, the chunked XLA
+`head_stats` elsewhere. On a device mesh the kernel runs under shard_map (`head_stats_pallas_on_mesh`): tokens
+split over data x fsdp, the table passed whole (gathered once per call; its gradient is summed over the devices
+by shard_map's transpose); every head statistic is a per-token value, so nothing else crosses devices.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from ._dispatch import resolve, round_up
+from ._dispatch import round_up
 from ._mesh import AnyMesh, plan, shard_mapped
-from .chunked_head import DEFAULT_CHUNK, HeadStats, head_stats
+from .chunked_head import HeadStats
 
 DEFAULT_BLOCK_N = 256  # tokens per tile
 DEFAULT_BLOCK_V = 1024  # vocabulary rows per tile: a 256 x 1024 f32 tile is 1 MiB of VMEM
 GATHER_CHUNK = 256  # tokens per chunk of the kept/label row gather: 256 x 65 x 640 f32 = 43 MB
 
 
-def head_stats_dispatch(
+def head_stats_pallas_on_mesh(
     hidden: jax.Array,
     table: jax.Array,
     ids: jax.Array,
@@ -46,22 +46,17 @@ def head_stats_dispatch(
     *,
     temperature: float | jax.Array = 1.0,
     softcap: float | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    implementation: str = "auto",
     block_n: int = DEFAULT_BLOCK_N,
     block_v: int = DEFAULT_BLOCK_V,
+    interpret: Any = False,
     mesh: AnyMesh | None = None,
 ) -> HeadStats:
-    """HeadStats of hidden [N, D] @ table [V, D]^T: the Pallas kernel on TPU, chunked XLA otherwise.
+    """`head_stats_pallas` split over a device mesh by shard_map: the kernel path of head_stats_dispatch.
 
-    `chunk` is the XLA path's token chunk; block_n/block_v size the kernel's tiles (shrunk to fit small inputs).
-    implementation: see gemstill.kernels._dispatch ("auto", "xla", "pallas", "interpret", "interpret_tpu").
+    block_n/block_v size the kernel's tiles (shrunk to fit small inputs).
     mesh: where the kernel runs split over tokens (default: the mesh set by jax.set_mesh, if any); see
-    gemstill.kernels._mesh.plan for when it runs unsplit. The XLA path ignores it.
+    gemstill.kernels._mesh.plan for when it runs unsplit.
     """
-    use_kernel, interpret = resolve(implementation)
-    if not use_kernel:
-        return head_stats(hidden, table, ids, labels, temperature=temperature, softcap=softcap, chunk=chunk)
 
     def kernel(hidden, table, ids, labels, temperature):
         return head_stats_pallas(
@@ -96,7 +91,7 @@ def head_stats_pallas(
     block_v: int = DEFAULT_BLOCK_V,
     interpret: Any = False,
 ) -> HeadStats:
-    """The fused kernel path of `head_stats_dispatch` (custom VJP; no gradient for ids, labels, temperature)."""
+    """The fused kernel path of head_stats_dispatch, unsplit (custom VJP; none for ids, labels, temperature)."""
     tiles = _Tiles(
         block_n=min(block_n, round_up(hidden.shape[0], 8)),
         block_v=min(block_v, round_up(table.shape[0], 128)),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._dispatch import resolve, round_up
+from ._dispatch import round_up
 
 DEFAULT_GROUP = 128
 DEFAULT_BLOCK_M = 256
@@ -91,30 +91,25 @@ def quant_matmul_reference(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def quant_matmul(
-    x: jax.Array,
-    qw: QuantizedWeight,
-    *,
-    implementation: str = "auto",
-    block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
-    block_k: int = DEFAULT_BLOCK_K,
-) -> jax.Array:
-    """x [M, K] (bf16 or f32) @ the quantized weight -> [M, N] in x's dtype; gradient for x only.
-
-    implementation: see gemstill.kernels._dispatch. The XLA path dequantizes to x's dtype and multiplies.
-    """
-    use_kernel, interpret = resolve(implementation)
-    if not use_kernel:
-        return _xla_matmul(x, qw)
-    return _kernel_matmul(x, qw, (block_m, block_n, block_k, interpret))
-
-
-def _xla_matmul(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+def quant_matmul_xla(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """The XLA path of gemstill.kernels.dispatch.quant_matmul: dequantize to x's dtype and multiply."""
     if qw.bits == 8:  # scale after the integer-valued matmul: one multiply per output instead of per weight
         out = jnp.dot(x, qw.values.astype(x.dtype), preferred_element_type=jnp.float32) * qw.scales
         return out.astype(x.dtype)
     return jnp.dot(x, dequantize(qw).astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def quant_matmul_pallas(
+    x: jax.Array,
+    qw: QuantizedWeight,
+    *,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    block_k: int = DEFAULT_BLOCK_K,
+    interpret: Any = False,
+) -> jax.Array:
+    """The kernel path of gemstill.kernels.dispatch.quant_matmul (custom VJP: gradient for x only)."""
+    return _kernel_matmul(x, qw, (block_m, block_n, block_k, interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,7 +1,7 @@
 """The nightly evaluation's Prefect tasks: thin wrappers over gemstill.nightly.
 
 Each rebuilds the plan in its own process (so any worker can run it); Prefect's caching is off because a night
-must score the models as they are tonight (the teacher's cache is gemstill's own, keyed by content).
+must score the models as they are tonight (the teacher's reasoning rows are kept in the store, by stage key).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from gemstill.tasks.stages import deployment_run
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gemstill.nightly import SUITES, Night, NightRecord, nightly_dir, record_night, select_night
+from gemstill.nightly.record import NightRecord, record_night
+from gemstill.nightly.select import Night, nightly_dir, select_night
+from gemstill.nightly.suites import SUITES
 from gemstill.pipeline.plan import check_hardware, make_plan
 
 
@@ -32,7 +34,7 @@ def evaluate_suite(
     """One suite's rows (model, model_key, suite, metric, value) for every model of the night."""
     plan = make_plan(profile, None, store, overrides, restricted=deployment_run())
     check_hardware(plan.profile)
-    return SUITES[suite](night, plan.profile, nightly_dir(plan.store), get_run_logger().info)
+    return SUITES[suite](night, plan, get_run_logger().info)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

@@ -102,3 +102,19 @@ def resumable(ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError("killed after the first half")
     (ctx.workdir / "second-half.json").write_text(json.dumps({"half": 2}))
     return {"resumed": resumed, "halves": 2}
+
+
+def undeclared(ctx: StageContext) -> dict[str, Any]:
+    """Reads a setting its pipeline entry may not declare (teacher_cache.k)."""
+    _record(ctx)
+    return {"k": ctx.profile.teacher_cache.k}
+
+
+def stalling(ctx: StageContext) -> dict[str, Any]:
+    """Writes partial work, then works on without ever reporting (no log line, no progress) for a minute."""
+    _record(ctx)
+    (ctx.workdir / "partial.json").write_text("[1, 2]")
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        sum(range(1000))
+    return {"finished": 1}

@@ -168,3 +168,25 @@ def task_run_states(env: dict[str, str], flow_run: str) -> dict[str, str]:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
+
+
+_ARTIFACTS = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+runs = ArtifactFilterFlowRunId(any_=sys.argv[1:])
+with get_client(sync_client=True) as client:
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=runs))
+print(json.dumps([{"key": a.key, "type": a.type, "data": a.data} for a in found]))
+"""
+
+
+def flow_run_artifacts(env: dict[str, str], *flow_runs: str) -> list[dict]:
+    """Every artifact the flow runs made (key, type, data), read from the server's API."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, "-c", _ARTIFACTS, *flow_runs], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)

@@ -294,12 +294,14 @@ def test_follower_runs_the_flow_runs_stage(monkeypatch, tmp_path):
     env = {"PREFECT__FLOW_RUN_ID": "4c1e0a7e-0000-4000-8000-000000000000", "JOB_COMPLETION_INDEX": "1"}
     store = str(tmp_path / "store")
     key = plan_module.make_plan("tiny", store=store).stages["prepare_data"].key
-    parameters = {"profile": "tiny", "stage": "prepare_data", "store": store, "planned_key": key}
-    entrypoint.follow(env, read=lambda run_id: ("gemstill-stage", parameters, True))
+    request = {"profile": "tiny", "stage": "prepare_data", "store": store, "planned_key": key}
+    entrypoint.follow(env, read=lambda run_id: ("gemstill-stage", {"request": request}, True))
     [(plan, name, fresh)] = calls
     assert (plan.profile.name, name, fresh, plan.store.root) == ("tiny", "prepare_data", False, store)
     with pytest.raises(GemstillError, match="the flow planned"):
-        entrypoint.follow(env, read=lambda run_id: ("gemstill-stage", {**parameters, "planned_key": "x"}, True))
+        entrypoint.follow(
+            env, read=lambda run_id: ("gemstill-stage", {"request": {**request, "planned_key": "x"}}, True)
+        )
     with pytest.raises(SystemExit, match="runs only gemstill-stage"):
         entrypoint.follow(env, read=lambda run_id: ("distill", {"profile": "tiny"}, True))
     with pytest.raises(SystemExit, match="PREFECT__FLOW_RUN_ID"):

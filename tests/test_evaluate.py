@@ -4,6 +4,8 @@ logsumexp and its dot with the teacher's probabilities, not from a log-softmax o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import TINY
@@ -61,3 +63,39 @@ def test_nll_and_kl_equal_a_float64_reference(tmp_path, monkeypatch):
     assert by_name["teacher"]["val_nll"] == pytest.approx(teacher_nll, rel=1e-5)
     assert by_name["teacher"]["kl_to_teacher"] == 0.0
     assert by_name["student"]["val_ppl"] == pytest.approx(np.exp(nll), rel=1e-5)
+
+
+def test_qat_recovery_says_what_happened_instead_of_a_share_over_one():
+    """QAT's share of PTQ's loss won back: a percentage up to 100; beyond it (QAT's extra training beat the fp32
+    student itself) the note says so with both values, and with no PTQ loss, that there was none."""
+    from gemstill.pipeline.evaluate_stage import qat_recovery
+
+    rows = [
+        {"model": "student", "val_nll": 3.0, "kl_to_teacher": 0.2},
+        {"model": "student-q4_0-ptq", "val_nll": 3.5, "kl_to_teacher": 0.4},
+        {"model": "student-q4_0-qat", "val_nll": 2.9, "kl_to_teacher": 0.3},
+        {"model": "student-q8_0-ptq", "val_nll": 2.99, "kl_to_teacher": 0.2},
+        {"model": "student-q8_0-qat", "val_nll": 2.98, "kl_to_teacher": 0.2},
+    ]
+    q4, q8 = qat_recovery(rows)
+    assert q4 == (
+        "q4_0: PTQ costs +0.5000 NLL and +0.2000 KL against the fp32 student; QAT wins back all of the NLL loss and "
+        "more: 2.9000 against the fp32 student's 3.0000 and wins back 50% of the KL loss."
+    )
+    assert "%" not in q4.split(" and wins back")[0]
+    assert q8.endswith("QAT has no NLL loss to win back and has no KL loss to win back.")
+    assert rows[2]["qat_recovery_nll"] == pytest.approx(1.2) and rows[2]["qat_recovery_kl"] == pytest.approx(0.5)
+
+
+def test_report_images_embed_for_views_that_cannot_reach_the_store(tmp_path):
+    import base64
+
+    from gemstill.plots import embed_images
+
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 8
+    (tmp_path / "evaluation.png").write_bytes(png)
+    markdown = "# r\n\n![evaluation](evaluation.png)\n\n![gone](missing.png)\n"
+    embedded = embed_images(markdown, tmp_path)
+    assert f"![evaluation](data:image/png;base64,{base64.b64encode(png).decode()})" in embedded
+    assert "![gone](missing.png)" in embedded  # nothing to embed: left as written
+    assert embed_images(f"![a]({tmp_path / 'evaluation.png'})", Path("/elsewhere")).startswith("![a](data:image/png")

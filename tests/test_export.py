@@ -20,7 +20,7 @@ from gemstill.errors import GemstillError
 from gemstill.export import ExportTarget, export_model
 from gemstill.model import build_model
 from gemstill.params import to_flat
-from gemstill.quant import quantized_params
+from gemstill.quant.weights import quantized_params
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = TINY.replace(head_dim=32, query_pre_attn_scalar=32.0)  # rows of 64 or 128 values: every format applies
@@ -70,17 +70,28 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_model):
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_model):
+    """An existing --out is refused; --overwrite replaces only a directory holding a gemstill export (its marker),
+    never anything else (a directory of the user's files stays byte for byte), nor a file, nor the working
+    directory."""
     directory, _ = tiny_model
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["export", "--model", f"orbax:{directory}", "--format", "orbax", "--out", str(out)]
     _one_line_error(gemstill(*args), "already exists", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    result = gemstill(*args, "--overwrite")
+    _one_line_error(gemstill(*args, "--overwrite"), "holds no gemstill export", "choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    exported = tmp_path / "exported"
+    args = ["export", "--model", f"orbax:{directory}", "--format", "orbax", "--out", str(exported)]
+    assert gemstill(*args).returncode == 0
+    result = gemstill(*args, "--overwrite")  # an export: replaced
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["GEMMA_TERMS.html", "README.md", "config.json", "params"]
-    assert "## License" in (out / "README.md").read_text()
+    files = ["GEMMA_TERMS.html", "README.md", "config.json", "gemstill-export.json", "params"]
+    assert sorted(p.name for p in exported.iterdir()) == files
+    assert "## License" in (exported / "README.md").read_text()
+    _one_line_error(gemstill(*args[:-1], str(out / "keep.txt")), "is a file", "choose a directory")
+    _one_line_error(gemstill(*args[:-1], str(out / "keep.txt" / "sub")), "is a file, not a directory")
+    _one_line_error(gemstill(*args[:-1], ".", "--overwrite"), "working directory", "new directory")
 
 
 def test_blocks_that_do_not_fit_are_refused_by_tensor_name(tmp_path):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from gemstill.kernels import attention as attn
+from gemstill.kernels import dispatch
 from gemstill.kernels._dispatch import interpret_races_found
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,7 +54,7 @@ def _check(q, k, v, meta, window, softcap, block_q, block_kv, implementation="in
     rows = seen[:, :, None, None]
 
     def kernel(q, k, v):
-        return attn.attention(q, k, v, **opts, implementation=implementation, block_q=block_q, block_kv=block_kv)
+        return dispatch.attention(q, k, v, **opts, implementation=implementation, block_q=block_q, block_kv=block_kv)
 
     def reference(q, k, v):
         return attn.attention_reference(q, k, v, **opts)
@@ -109,9 +110,9 @@ def test_tpu_interpret_mode_without_races():
     opts = {**meta, "window": 5, "softcap": None, "block_q": 8, "block_kv": 8}
 
     def kernel(q, k, v):
-        return jax.block_until_ready(attn.attention(q, k, v, **opts, implementation="interpret_tpu"))
+        return jax.block_until_ready(dispatch.attention(q, k, v, **opts, implementation="interpret_tpu"))
 
-    np.testing.assert_allclose(kernel(q, k, v), attn.attention(q, k, v, **opts, implementation="xla"), atol=2e-5)
+    np.testing.assert_allclose(kernel(q, k, v), dispatch.attention(q, k, v, **opts, implementation="xla"), atol=2e-5)
     assert not interpret_races_found()
     got = jax.block_until_ready(jax.grad(lambda *a: jnp.sum(kernel(*a) ** 2), argnums=(0, 1, 2))(q, k, v))
     assert not interpret_races_found()
@@ -176,7 +177,7 @@ def test_reference_is_the_model_attention():
     v = jnp.einsum("btd,dkh->btkh", x, layer.v_proj[...])
     q = apply_rope(layer.q_norm(q), positions, layer.rope_base, layer.rope_scale) * config.query_scale
     k = apply_rope(layer.k_norm(k), positions, layer.rope_base, layer.rope_scale)
-    out = attn.attention(
+    out = dispatch.attention(
         q,
         k,
         v,

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from gemstill.kernels import auto
-from gemstill.kernels._dispatch import resolve
+from gemstill.kernels.dispatch import resolve
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gemstill.kernels import lm_head
-from gemstill.kernels._dispatch import interpret_races_found, resolve
+from gemstill.kernels._dispatch import interpret_races_found
 from gemstill.kernels.chunked_head import head_stats, head_stats_reference
-from gemstill.kernels.lm_head import head_stats_dispatch
+from gemstill.kernels.dispatch import head_stats_dispatch, resolve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import pallas as pl

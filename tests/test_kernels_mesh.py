@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import pytest
 from eight_devices import report, run_in_child
 from gemstill.kernels import _mesh
-from gemstill.kernels.attention import attention
 from gemstill.kernels.auto import _error, _value_and_grads
-from gemstill.kernels.lm_head import head_stats_dispatch
+from gemstill.kernels.dispatch import attention, head_stats_dispatch
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 

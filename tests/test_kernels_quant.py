@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gemstill.kernels.dispatch import quant_matmul
 from gemstill.kernels.quant_matmul import (
     dequantize,
-    quant_matmul,
     quant_matmul_reference,
     quantize_int4,
     quantize_int8,

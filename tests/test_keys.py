@@ -75,6 +75,8 @@ def test_a_setting_turns_its_stage_and_what_is_downstream_stale(profile):
     assert _changed(base, _keys(profile, **{"qat.steps": "3"})) == {"qat", "evaluate", "evaluate_reasoning", "export"}
     assert _changed(base, _keys(profile, **{"reasoning.limit": "3"})) == {"evaluate_reasoning"}
     assert _changed(base, _keys(profile, **{"nightly.max_regression.nll": "0.5"})) == set()  # no stage reads it
+    assert _changed(base, _keys(profile, name="renamed")) == {"export"}  # its model card names the profile
+    assert _changed(base, _keys(profile, **{"hardware.concurrent_stages": "2"})) == set()  # where, not what
 
 
 def test_data_files_count_by_content_not_by_path_or_mtime(profile):
@@ -130,6 +132,7 @@ def test_code_counts_through_the_import_graph(profile, monkeypatch):
 
     assert edited("gemstill.cli") == set()  # no stage imports the CLI
     assert edited("gemstill.nightly") == set()
+    assert edited("gemstill.nightly.suites") == set()
     assert edited("gemstill.reasoning.tot") == {"evaluate_reasoning"}
     # the teacher's forward pass over the data: the cache and what trains on it, not the baseline or layer map
     downstream_of_cache = {"teacher_cache", "train_student", "quantize", "qat", "evaluate", "evaluate_reasoning"}

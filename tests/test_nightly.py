@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gemstill.errors import GemstillError
-from gemstill.nightly_history import (
+from gemstill.nightly.history import (
     FIELDS,
     RegressionError,
     append_night,
@@ -139,7 +139,7 @@ def test_unknown_threshold_family_is_refused():
 
 
 def test_record_night_appends_then_fails_naming_the_regression(tmp_path):
-    from gemstill.nightly import record_night
+    from gemstill.nightly.record import record_night
     from gemstill.pipeline.profile import load_profile
 
     profile, _ = load_profile("tiny")
@@ -183,7 +183,7 @@ def commit(store: Path, stage: str, key: str, finished_at: float, inputs=None, s
 
 
 def test_the_latest_student_and_what_belongs_to_it_are_chosen(tmp_path):
-    from gemstill.nightly import select_night
+    from gemstill.nightly.select import select_night
     from gemstill.pipeline.plan import make_plan
 
     store = tmp_path / "store"
@@ -215,7 +215,7 @@ def test_the_latest_student_and_what_belongs_to_it_are_chosen(tmp_path):
 
 
 def test_remote_stores_and_bad_thresholds_are_refused_before_any_work(tmp_path):
-    from gemstill.nightly import select_night
+    from gemstill.nightly.select import select_night
     from gemstill.pipeline.plan import make_plan
 
     with pytest.raises(GemstillError, match="the nightly history is a local DuckDB file"):
@@ -271,44 +271,71 @@ def student_pipeline(tmp_path: Path) -> Path:
     return path
 
 
+def _prefect_yaml_with_store(tmp_path: Path, store: Path) -> Path:
+    """The shipped prefect.yaml with `definitions.store` (its one store setting) pointed at this test's store."""
+    from prefect_cli import REPO
+
+    text = (REPO / "prefect.yaml").read_text()
+    assert text.count("store: &store runs/store") == 1 and text.count("prefect_file: prefect.yaml") == 1
+    path = tmp_path / "prefect.yaml"
+    path.write_text(
+        text.replace("store: &store runs/store", f"store: &store {store}").replace(
+            "prefect_file: prefect.yaml", f"prefect_file: {path}"
+        )
+    )
+    return path
+
+
 def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student(prefect_server, tmp_path):
     from prefect_cli import prefect, process_worker
 
     env, store, pipeline = prefect_server, tmp_path / "store", student_pipeline(tmp_path)
+    env = {**env, "GEMSTILL_STORES": str(tmp_path)}  # the worker's store root: the deployments' store lies under it
     gemstill_cli("run", "tiny", "--store", str(store), "--pipeline", str(pipeline), *PRETRAIN)
     prefect(env, "work-pool", "create", "gemstill-process", "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--all", timeout=300)  # every deployment of prefect.yaml deploys
+    prefect_file = str(_prefect_yaml_with_store(tmp_path, store))
+    prefect(env, "--no-prompt", "deploy", "--prefect-file", prefect_file, "--all", timeout=300)  # every deployment
     for name in ("tiny", "gemma3-270m", "gemma3-4b-tpu-v5e"):
-        deployment = json.loads(prefect(env, "deployment", "inspect", f"nightly-eval/{name}", "-o", "json").stdout)
+        deployment = json.loads(
+            prefect(env, "deployment", "inspect", f"nightly-eval/nightly-{name}", "-o", "json").stdout
+        )
+        # the 02:00 UTC schedule, inactive until a user chooses the profile; the store the distill deployment has
         assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"]) for s in deployment["schedules"]] == [
-            ("0 2 * * *", "UTC", True)
+            ("0 2 * * *", "UTC", False)
         ]
-        assert deployment["parameters"] == {"profile": name}
-    tiny_id = json.loads(prefect(env, "deployment", "inspect", "nightly-eval/tiny", "-o", "json").stdout)["id"]
+        assert deployment["parameters"] == {"profile": name, "store": str(store)}
+        distill = json.loads(prefect(env, "deployment", "inspect", f"distill/distill-{name}", "-o", "json").stdout)
+        assert distill["parameters"]["store"] == str(store)
+    tiny = json.loads(prefect(env, "deployment", "inspect", "nightly-eval/nightly-tiny", "-o", "json").stdout)
+    prefect(env, "deployment", "schedule", "resume", "nightly-eval/nightly-tiny", tiny["schedules"][0]["id"])
     deadline = time.time() + 90
     while True:  # the server's scheduler fills in the upcoming nights within seconds
         listed = prefect(env, "flow-run", "ls", "--flow-name", "nightly-eval", "--state", "Scheduled", "-o", "json")
-        upcoming = [r for r in json.loads(listed.stdout or "[]") if r["deployment_id"] == tiny_id]
+        upcoming = [r for r in json.loads(listed.stdout or "[]") if r["deployment_id"] == tiny["id"]]
+        others = [r for r in json.loads(listed.stdout or "[]") if r["deployment_id"] != tiny["id"]]
         if upcoming or time.time() > deadline:
             break
         time.sleep(2)
-    assert upcoming, "no scheduled runs of nightly-eval/tiny"
+    assert upcoming, "no scheduled runs of nightly-eval/nightly-tiny"
+    assert not others, "a nightly deployment no one chose was scheduled"
     now = dt.datetime.now(dt.UTC)
     for run in upcoming:
         start = dt.datetime.fromisoformat(run["expected_start_time"]).astimezone(dt.UTC)
         assert (start.hour, start.minute) == (2, 0) and start > now, start
     prefect(env, "--no-prompt", "deployment", "schedule", "pause", "--all")  # no real 02:00 run during the test
 
-    params = json.dumps({"store": str(store), "overrides": NIGHTLY})
+    params = json.dumps({"overrides": NIGHTLY})  # the store: the deployment's own, from prefect.yaml
     with process_worker(env, tmp_path / "worker.log"):
-        teacher_cache = None
+        teacher_rows = None
         for _ in range(2):
-            run = prefect(env, "deployment", "run", "nightly-eval/tiny", "--params", params, "--watch", timeout=600)
+            run = prefect(
+                env, "deployment", "run", "nightly-eval/nightly-tiny", "--params", params, "--watch", timeout=600
+            )
             assert "Completed" in run.stdout + run.stderr, run.stdout[-3000:]
-            cached = list((store / "nightly").glob("teacher-*.json"))
+            cached = list(store.glob("nightly_teacher_reasoning/*/manifest.json"))
             assert len(cached) == 1
-            teacher_cache = teacher_cache or cached[0].stat().st_mtime_ns
-            assert cached[0].stat().st_mtime_ns == teacher_cache  # the teacher's reasoning is scored once
+            teacher_rows = teacher_rows or cached[0].stat().st_mtime_ns
+            assert cached[0].stat().st_mtime_ns == teacher_rows  # the teacher's reasoning is scored once
         history = json.loads(gemstill_cli("eval", "history", "tiny", "--store", str(store), "--json").stdout)
         assert len({r["run_time"] for r in history}) == 2
         assert all(list(r) == list(FIELDS) for r in history)
@@ -323,7 +350,15 @@ def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student
             "run", "tiny", "--store", str(store), "--pipeline", str(pipeline), *PRETRAIN, "--set", "training.steps=1"
         )
         run = prefect(
-            env, "deployment", "run", "nightly-eval/tiny", "--params", params, "--watch", timeout=600, check=False
+            env,
+            "deployment",
+            "run",
+            "nightly-eval/nightly-tiny",
+            "--params",
+            params,
+            "--watch",
+            timeout=600,
+            check=False,
         )
         output = run.stdout + run.stderr
         assert run.returncode != 0 and "Failed" in output, output[-3000:]
@@ -335,3 +370,30 @@ def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student
     assert len({r["run_time"] for r in history}) == 3  # the failing night is recorded too
     keys = {r["model_key"] for r in history if r["model"] == "student"}
     assert len(keys) == 2
+
+
+def test_deploying_refuses_deployments_of_a_profile_on_different_stores():
+    """The build step of prefect.yaml: the shipped file passes; a nightly on another store than its distill, a
+    deployment without a store, or a nightly on a remote store are refused, each named."""
+    from gemstill.flows.deploy_check import check_deployments, problems
+    from prefect_cli import REPO
+
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert check_deployments(str(REPO / "prefect.yaml")) == {} and problems(shipped) == []
+    distill = {"name": "distill-tiny", "entrypoint": "flows/distill.py:distill"}
+    nightly = {"name": "nightly-tiny", "entrypoint": "flows/nightly.py:nightly_eval"}
+    apart = {
+        "deployments": [
+            {**distill, "parameters": {"profile": "tiny", "store": "/a"}},
+            {**nightly, "parameters": {"profile": "tiny", "store": "/b"}},
+            {**nightly, "name": "nightly-x", "parameters": {"profile": "x"}},
+            {**nightly, "name": "nightly-y", "parameters": {"profile": "y", "store": "s3://bucket/store"}},
+        ]
+    }
+    found = problems(apart)
+    assert found == [
+        "deployment nightly-x: no store parameter; give it the shared one (store: *store in prefect.yaml)",
+        "deployment nightly-y: store s3://bucket/store is not a local directory; the nightly history needs one",
+        "profile tiny: its deployments name different stores (distill-tiny -> /a, nightly-tiny -> /b); the nightly "
+        "would not see what distill wrote: give them one store",
+    ]

@@ -109,6 +109,77 @@ def test_bad_input_is_not_retried(workspace):
     assert make_plan(str(workspace / "profile.yaml")).state("bad") == "missing"
 
 
+def test_a_stage_reads_only_the_settings_its_key_covers(workspace):
+    """A stage sees the profile through a view of its declared reads: reading another setting fails at once,
+    one line naming the stage, the setting and the fix; declared, the same stage runs and its key covers it."""
+    profile = str(workspace / "profile.yaml")
+    (workspace / "pipe.yaml").write_text('name: x\nstages:\n  peek: {task: "pipeline_stages:undeclared"}\n')
+    plan = make_plan(profile)
+    with pytest.raises(GemstillError) as error:
+        run_stage(plan, "peek")
+    assert str(error.value) == (
+        "stage peek read the setting 'teacher_cache.k', which its cache key does not cover; add 'teacher_cache.k' "
+        "to the reads of task pipeline_stages:undeclared"
+    )
+    assert plan.state("peek") == "missing"
+    (workspace / "pipe.yaml").write_text(
+        'name: x\nstages:\n  peek: {task: "pipeline_stages:undeclared", reads: [teacher_cache.k]}\n'
+    )
+    assert run_stage(make_plan(profile), "peek")["metrics"] == {"k": 64}
+    assert make_plan(profile, overrides={"teacher_cache.k": 8}).state("peek") == "stale"
+
+
+def test_the_profile_view_lets_through_exactly_what_is_declared():
+    from gemstill.pipeline.context import view
+    from gemstill.pipeline.profile import load_profile
+
+    profile, _ = load_profile("tiny")
+    seen = view(profile, ("teacher.scratch", "data.seq_len", "qat"), "s", "t")
+    assert seen.teacher.scratch is profile.teacher.scratch  # a declared section: the real object, methods too
+    assert seen.teacher.scratch.gemma_config().num_layers == profile.teacher.scratch.gemma_config().num_layers
+    assert seen.data.seq_len == 128 and seen.qat.training_config(profile.training).steps > 0
+    for read, setting in ((lambda: seen.data.seed, "data.seed"), (lambda: seen.teacher.model, "teacher.model")):
+        with pytest.raises(GemstillError, match=f"read the setting '{setting}', which its cache key does not cover"):
+            read()
+    with pytest.raises(GemstillError, match="'model_dump' of its profile, which is not a setting"):
+        seen.model_dump()
+    with pytest.raises(GemstillError, match="a profile is read-only"):
+        seen.name = "other"
+
+
+def test_every_shipped_stage_validates_and_estimates_through_its_view():
+    """The built-in tasks' validation and memory estimates read only what their keys cover, for every shipped
+    profile and pipeline (the tiny pipeline tests run every stage function itself under its view)."""
+    from gemstill.shipped import search_dirs
+
+    for path in sorted({p.name: p for d in search_dirs("profiles") for p in d.glob("*.yaml")}.values()):
+        for pipeline in (None, "from-scratch-cot") if path.stem == "tiny" else (None,):
+            plan = make_plan(str(path), pipeline, store="memory://views")
+            for name in plan.stages:
+                plan.memory(name)
+
+
+def test_a_stage_past_its_timeout_ends_timed_out_with_its_partial_work_kept(workspace):
+    """timeout_seconds is enforced in the worker thread Prefect runs the stage in, even when the stage never
+    reports: the task run ends TimedOut within seconds, its partial work stays uncommitted for a rerun."""
+    import time
+
+    (workspace / "pipe.yaml").write_text(
+        'name: x\nstages:\n  slow: {task: "pipeline_stages:stalling", timeout_seconds: 2}\n'
+    )
+    profile = str(workspace / "profile.yaml")
+    began = time.monotonic()
+    state = distill(profile=profile, return_state=True)
+    assert time.monotonic() - began < 30
+    assert state.is_failed()
+    (run,) = _task_runs(state.state_details.flow_run_id).values()
+    assert run.state.name == "TimedOut", run.state
+    assert "ran past its timeout of 2 s" in run.state.message
+    plan = make_plan(profile)
+    workdir = plan.store.work_dir("slow", plan.stages["slow"].key, refresh=False)
+    assert (workdir / "partial.json").read_text() == "[1, 2]" and plan.state("slow") == "missing"
+
+
 def test_remote_store_commits_files_then_manifest(workspace):
     """Any fsspec URL works as a store: here fsspec's in-memory filesystem stands in for a bucket."""
     profile = str(workspace / "profile.yaml")
@@ -176,10 +247,10 @@ def test_shipped_profiles_validate_with_memory_estimates():
     assert {"tiny", "gemma3-270m", "gemma3-4b-tpu-v5e"} <= set(shipped)
     plan = make_plan("gemma3-4b-tpu-v5e")
     assert plan.profile.hardware.platform == "tpu"
-    memory = plan.stages["teacher_cache"].task.memory(plan.profile)
+    memory = plan.memory("teacher_cache")  # through the stage's own view of the profile
     assert 7.5e9 < memory["params"] < 8e9  # 3.88B text-decoder parameters in bfloat16
     assert memory["total"] < plan.profile.hardware.memory_per_device_gib * 2**30
-    training = plan.stages["train_student"].task.memory(plan.profile)
+    training = plan.memory("train_student")
     assert 0 < training["total"] < plan.profile.hardware.memory_per_device_gib * 2**30
     assert training["teacher"] > 0  # online teacher for the hidden-state term
     assert textwrap.dedent(plan.pipeline.description).strip()
@@ -328,8 +399,8 @@ DIAMOND = """
 name: diamond
 stages:
   source: {task: "pipeline_stages:source", reads: [data.seed]}
-  left: {task: "pipeline_stages:halting", needs: [source]}
-  right: {task: "pipeline_stages:halting", needs: [source]}
+  left: {task: "pipeline_stages:halting", needs: [source], reads: [data.seed]}
+  right: {task: "pipeline_stages:halting", needs: [source], reads: [data.seed]}
 """
 
 
@@ -384,7 +455,7 @@ def test_stages_are_task_runs_with_edges_that_overlap_when_allowed(workspace, mo
     assert "stage:left" in runs["stage:left"].tags and "task:pipeline_stages:halting" in runs["stage:left"].tags
     source_id = runs["stage:source"].id
     for name in ("stage:left", "stage:right"):
-        assert [i.id for i in runs[name].task_inputs["wait_for"]] == [source_id]
+        assert [i.id for i in runs[name].task_inputs["request"]] == [source_id]  # submitted once source completed
     assert (
         _artifact("machinery-left-progress", state.state_details.flow_run_id).data == 100.0
     )  # the stage reported its progress to the end
@@ -432,6 +503,9 @@ def test_a_stage_on_a_work_pool_runs_here_outside_a_deployment_and_keeps_its_key
 def test_a_work_pool_without_its_stage_deployment_is_one_line_naming_the_command(workspace):
     from gemstill.tasks.stages import run_stage_on_pool
 
+    from gemstill.pipeline.request import StageRequest
+
+    request = StageRequest(profile=str(workspace / "profile.yaml"), stage="source", planned_key="k")
     with pytest.raises(GemstillError, match=r"no deployment gemstill-stage/big; deploy one: prefect deploy") as error:
-        run_stage_on_pool.fn("big", {}, profile=str(workspace / "profile.yaml"), stage="source", planned_key="k")
+        run_stage_on_pool.fn("big", {}, request)
     assert "\n" not in str(error.value)

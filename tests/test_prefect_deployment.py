@@ -1,5 +1,5 @@
 """A real Prefect server on 127.0.0.1, deployments from prefect.yaml, the automations of automations.yaml and
-two process workers (two work pools), with `prefect deployment run 'distill/tiny'`:
+two process workers (two work pools), with `prefect deployment run 'distill/distill-tiny'`:
 - the flow run's process is SIGKILLed mid-run (as the OOM killer would): the run ends Crashed, the automation
   schedules it again, and the retry completes without recomputing the stages done before the kill;
 - the pipeline's `evaluate` names another work pool: it runs there, as a gemstill-stage flow run with the
@@ -10,6 +10,7 @@ two process workers (two work pools), with `prefect deployment run 'distill/tiny
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -18,6 +19,7 @@ from conftest import seed_store
 from prefect_cli import (
     PREFECT,
     REPO,
+    flow_run_artifacts,
     flow_run_id,
     flow_runs,
     kill_flow_run_process,
@@ -89,13 +91,14 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
     env = {
         **prefect_server,
         "GEMSTILL_PIPELINES": str(_pools_pipeline(tmp_path / "pipelines")),
+        "GEMSTILL_STORES": str(tmp_path),  # the workers' store root: a run's store parameter must lie under it
         "GEMSTILL_LEASE_SECONDS": "10",  # the killed run's leases expire quickly
     }
     assert shutil.which(PREFECT)
     prefect(env, "automation", "create", "--from-file", str(_retry_automation_only(tmp_path)))
     for pool in ("gemstill-process", "gemstill-eval"):
         prefect(env, "work-pool", "create", pool, "--type", "process")
-    prefect(env, "--no-prompt", "deploy", "--name", "distill/tiny")
+    prefect(env, "--no-prompt", "deploy", "--name", "distill-tiny")
     stage_flow = ["flows/stage.py:one_stage", "--name", "gemstill-eval", "--pool", "gemstill-eval"]
     prefect(env, "--no-prompt", "deploy", *stage_flow)
     store = seed_store(tiny_teacher, tmp_path / "store")  # the run finds data and teacher done
@@ -105,7 +108,7 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
     # no --limit: Prefect 3.8.8's worker crashes when a retried run comes back before it freed the run's slot
     worker = process_worker(env, tmp_path / "worker.log", limit=None)
     with worker, process_worker(env, tmp_path / "eval.log", "gemstill-eval", limit=None):
-        started = prefect(env, "deployment", "run", "distill/tiny", *params)
+        started = prefect(env, "deployment", "run", "distill/distill-tiny", *params)
         run = flow_run_id(started.stdout)
         early = _wait_for(
             lambda: all(_manifest(store, s) for s in ("teacher_cache", "layer_map")), 600, "the first stages"
@@ -120,6 +123,14 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
             every=5,
         )
         assert early and ended["run_count"] == 2, ended
+        # what the UI shows of the completed run: every progress artifact at 100% (the retried stages went on with
+        # the ones their killed attempt left), and the reports' plots embedded, never a link into the store
+        artifacts = flow_run_artifacts(env, run, *(r["id"] for r in flow_runs(env, "gemstill-stage")))
+        progress = {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"}
+        assert len(progress) >= 6 and set(progress.values()) == {100.0}, progress
+        reports = [a["data"] for a in artifacts if a["type"] == "markdown"]
+        assert len(reports) >= 2 and all("data:image/png;base64," in r for r in reports), [r[:300] for r in reports]
+        assert not any(re.search(r"\]\((?!data:)[^)]*\.png\)", r) for r in reports)
         assert ended["history"].index("Crashed") < ended["history"].index("AwaitingRetry"), ended["history"]
         assert {s: _manifest(store, s)["finished_at"] for s in before} == before  # the retry reused them
         spans = {s: (_manifest(store, s)["started_at"], _manifest(store, s)["finished_at"]) for s in STAGES}
@@ -128,11 +139,12 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
         # evaluate ran on the other pool, as a stage flow run with its job variables, under its task run here
         (remote,) = flow_runs(env, "gemstill-stage")
         assert remote["state"] == "Completed" and remote["work_pool"] == "gemstill-eval", remote
-        assert remote["job_variables"] == JOB_VARIABLES and remote["parameters"]["stage"] == "evaluate", remote
+        assert remote["job_variables"] == JOB_VARIABLES, remote
+        assert remote["parameters"]["request"]["stage"] == "evaluate", remote
         assert remote["parent_task_run"] is not None
-        assert _manifest(store, "evaluate")["key"] == remote["parameters"]["planned_key"]
+        assert _manifest(store, "evaluate")["key"] == remote["parameters"]["request"]["planned_key"]
         # a second run: every stage is a task run, each one Cached (its cache key is the stage's content key)
-        again = prefect(env, "deployment", "run", "distill/tiny", *params, "--watch", timeout=600)
+        again = prefect(env, "deployment", "run", "distill/distill-tiny", *params, "--watch", timeout=600)
         assert "Completed" in again.stdout + again.stderr, again.stdout[-3000:]
         states = task_run_states(env, flow_run_id(again.stdout))
         assert len(states) == 11 and set(states.values()) == {"Cached"}, states
@@ -140,7 +152,7 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
         # a run parameter naming a pipeline outside the worker's configured directories is refused in one line
         (tmp_path / "evil.yaml").write_text('name: evil\nstages:\n  run: {task: "os:system"}\n')
         refused = prefect(
-            env, "deployment", "run", "distill/tiny", "--param", f"pipeline={tmp_path / 'evil.yaml'}",
+            env, "deployment", "run", "distill/distill-tiny", "--param", f"pipeline={tmp_path / 'evil.yaml'}",
             "--param", f"store={store}", "--watch", timeout=300, check=False,
         )  # fmt: skip
         assert "Failed" in refused.stdout + refused.stderr, refused.stdout[-3000:]

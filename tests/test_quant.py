@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from gemstill import quant
 from gemstill.checkpoints.gguf_file import load_gguf, save_gguf
 from gemstill.errors import GemstillError
 from gemstill.model import build_model
 from gemstill.params import from_flat, to_flat
+from gemstill.quant import codec
+from gemstill.quant.packed import PackedWeight
+from gemstill.quant.weights import check_params, deployed_bytes, is_quantized_name, quantized_params
 
 GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 
@@ -65,25 +67,25 @@ def test_blocks_equal_gguf_py_on_real_weights(real_weights, fmt):
 
 def _check_against_gguf_py(w: np.ndarray, fmt: str) -> None:
     reference = gguf.quants.quantize(w, GGUF_TYPES[fmt])
-    codes, scales = quant.quantize_numpy(w, fmt)
-    np.testing.assert_array_equal(quant.to_gguf_blocks(codes, scales, fmt), reference)
+    codes, scales = codec.quantize_numpy(w, fmt)
+    np.testing.assert_array_equal(codec.to_gguf_blocks(codes, scales, fmt), reference)
     expected = gguf.quants.dequantize(reference, GGUF_TYPES[fmt])
-    np.testing.assert_array_equal(quant.dequantize_numpy(w, fmt), expected)
-    np.testing.assert_array_equal(np.asarray(quant.fake_quant(jnp.asarray(w), fmt)), expected)
-    back_codes, back_scales = quant.from_gguf_blocks(reference, fmt, *w.shape)
+    np.testing.assert_array_equal(codec.dequantize_numpy(w, fmt), expected)
+    np.testing.assert_array_equal(np.asarray(codec.fake_quant(jnp.asarray(w), fmt)), expected)
+    back_codes, back_scales = codec.from_gguf_blocks(reference, fmt, *w.shape)
     np.testing.assert_array_equal(back_codes, codes)
     np.testing.assert_array_equal(back_scales, scales)
     # idempotence: the dequantized weight is on its own grid (a zero block may flip its scale's sign: -0.0 vs 0.0)
-    np.testing.assert_array_equal(quant.dequantize_numpy(expected, fmt), expected)
+    np.testing.assert_array_equal(codec.dequantize_numpy(expected, fmt), expected)
 
 
 def test_int8_per_output_channel_against_numpy():
     w = _random_weights(3)
     scale = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
     expected = np.clip(np.round(w / np.where(scale == 0, 1, scale)), -127, 127) * scale
-    np.testing.assert_allclose(quant.dequantize_numpy(w, "int8"), expected, rtol=0, atol=1e-7 * np.abs(w).max())
+    np.testing.assert_allclose(codec.dequantize_numpy(w, "int8"), expected, rtol=0, atol=1e-7 * np.abs(w).max())
     # a float32 scale re-derived from on-grid weights moves by at most an ulp (GGUF's fp16 scales do not move)
-    again = quant.dequantize_numpy(quant.dequantize_numpy(w, "int8"), "int8")
+    again = codec.dequantize_numpy(codec.dequantize_numpy(w, "int8"), "int8")
     np.testing.assert_allclose(again, expected, rtol=4e-7, atol=0)
 
 
@@ -91,17 +93,17 @@ def test_int8_per_output_channel_against_numpy():
 def test_fake_quant_gradient_is_straight_through(fmt):
     w = jnp.asarray(_random_weights(4, 8, 64))
     cotangent = jax.random.normal(jax.random.key(1), w.shape)
-    grad = jax.grad(lambda w: jnp.sum(quant.fake_quant(w, fmt) * cotangent))(w)
+    grad = jax.grad(lambda w: jnp.sum(codec.fake_quant(w, fmt) * cotangent))(w)
     np.testing.assert_array_equal(grad, cotangent)
 
 
 def test_shapes_that_do_not_split_into_blocks_are_refused_by_name():
     config = TINY.replace(embed_dim=40, head_dim=16)
     with pytest.raises(GemstillError, match=r"tensor token_embd\.weight has rows of 40 values.*refused"):
-        quant.check_params(config, "q4_0", include_embedding=True)
+        check_params(config, "q4_0", include_embedding=True)
     with pytest.raises(GemstillError, match=r"tensor blk\.0\.attn_q\.weight has rows of 40 values.*refused"):
-        quant.check_params(config, "q8_0", include_embedding=False)
-    quant.check_params(config, "int8", include_embedding=True)  # per channel: any width
+        check_params(config, "q8_0", include_embedding=False)
+    check_params(config, "int8", include_embedding=True)  # per channel: any width
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
@@ -113,17 +115,17 @@ def test_packed_gguf_model_equals_the_dequantized_model(tmp_path, fmt):
     path = save_gguf(tmp_path / "m.gguf", config, flat, quant=fmt)
     _, dense, _ = load_gguf(path)
     _, packed, _ = load_gguf(path, packed=True)
-    assert isinstance(packed["layers.0.mlp.gate"], quant.PackedWeight)
-    assert isinstance(packed["embedding"], quant.PackedWeight)
+    assert isinstance(packed["layers.0.mlp.gate"], PackedWeight)
+    assert isinstance(packed["embedding"], PackedWeight)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 24)))
     np.testing.assert_array_equal(from_flat(config, packed)(tokens).logits, from_flat(config, dense)(tokens).logits)
-    weights = [name for name in dense if quant.is_quantized_name(name, True)]
+    weights = [name for name in dense if is_quantized_name(name, True)]
     float_bytes = sum(np.asarray(dense[n]).nbytes for n in weights)
     packed_bytes = sum(packed[n].nbytes for n in weights)
     assert packed_bytes == pytest.approx(float_bytes * (34 if fmt == "q8_0" else 18) / (32 * 4), rel=1e-9)
     in_file = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
-    assert quant.deployed_bytes(config, fmt, include_embedding=True) == in_file
+    assert deployed_bytes(config, fmt, include_embedding=True) == in_file
     # and the round-to-nearest variant computed in memory is the same model
-    on_grid = quant.quantized_params(config, flat, fmt, include_embedding=True)
+    on_grid = quantized_params(config, flat, fmt, include_embedding=True)
     for name in dense:
         np.testing.assert_array_equal(on_grid[name], dense[name])

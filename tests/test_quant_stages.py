@@ -19,13 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("stage", [qat_stage, quantize_stage, export_stage])
 def test_a_stage_without_a_trained_student_is_refused(tmp_path, stage):
     profile, _ = load_profile("tiny")
-    without = StageContext(stage="s", profile=profile, settings={}, inputs={}, workdir=tmp_path)
+    without = StageContext(stage="s", profile=profile, inputs={}, workdir=tmp_path)
     with pytest.raises(GemstillError, match="needs the output of a 'train_student' stage"):
         stage(without)
     empty = tmp_path / "train_student"
     empty.mkdir()
     unfinished = StageContext(
-        stage="s", profile=profile, settings={}, inputs={"train_student": empty}, workdir=tmp_path
+        stage="s", profile=profile, inputs={"train_student": empty}, workdir=tmp_path
     )
     with pytest.raises(GemstillError, match=r"no trained student.*run the train_student stage first"):
         stage(unfinished)

@@ -312,7 +312,7 @@ def test_reasoning_models_selects_by_name_and_refuses_unknown_names(tmp_path):
     def context(models):
         profile, _ = load_profile("tiny", {"reasoning.models": models})
         inputs = {"pretrain_teacher": tmp_path / "teacher", "train_student": tmp_path / "student"}
-        return StageContext("evaluate_reasoning", profile, {}, inputs, tmp_path)
+        return StageContext("evaluate_reasoning", profile, inputs, tmp_path)
 
     assert [name for name, _ in reasoning_models(context(["student"]))] == ["student"]
     assert [name for name, _ in reasoning_models(context(None))] == ["teacher", "student"]

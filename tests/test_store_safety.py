@@ -29,7 +29,7 @@ PIPELINE = """
 name: refreshable
 stages:
   source: {task: "pipeline_stages:source", reads: [data.seed]}
-  double: {task: "pipeline_stages:halting", needs: [source]}
+  double: {task: "pipeline_stages:halting", needs: [source], reads: [data.seed]}
 """
 
 

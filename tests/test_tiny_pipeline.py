@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,10 @@ from gemstill.data.python_docs import stdlib_documents
 from gemstill.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+EVERY_STAGE = (
+    "prepare_data", "pretrain_teacher", "teacher_cache", "layer_map", "train_student", "train_baseline", "quantize",
+    "qat", "evaluate", "evaluate_reasoning", "export",
+)  # fmt: skip
 
 
 def gemstill(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -55,22 +60,46 @@ def full_run(tmp_path_factory, tiny_teacher):
     return store, seconds, result
 
 
+def test_the_terminal_shows_one_line_per_stage_and_no_prefect_warnings(full_run):
+    """`gemstill run` prints a line per stage as it ends, the progress bars and the report; Prefect's warnings
+    about tags and worker-thread timeouts are gone at their cause: not on the terminal, nor in the run's log
+    file, which holds the whole Prefect log."""
+    _, _, result = full_run
+    terminal = result.stdout + result.stderr
+    for warning in ("workers available", "worker thread"):
+        assert warning not in terminal
+    stage_lines = [line for line in result.stdout.splitlines() if line.startswith("stage ")]
+    assert sorted(line.split(":")[0] for line in stage_lines) == sorted(f"stage {name}" for name in EVERY_STAGE)
+    assert all(re.fullmatch(r"stage \w+: (ran in [\d.]+ s|cached)", line) for line in stage_lines), stage_lines
+    assert "Beginning flow run" not in terminal and "Starting temporary server" not in terminal
+    log_file = Path(re.search(r"; log (\S+\.log)", result.stdout).group(1))
+    log = log_file.read_text()
+    assert "Beginning flow run" in log and "committed as" in log  # the Prefect log, there in full
+    for warning in ("workers available", "worker thread"):
+        assert warning not in log
+    assert "report: tiny" in result.stdout
+
+
 def test_full_run_then_all_cached(full_run):
     store, first_seconds, _ = full_run
     status = json.loads(gemstill("status", "tiny", "--store", str(store), "--json").stdout)
-    assert [(s["stage"], s["state"]) for s in status["stages"]] == [
-        ("prepare_data", "done"),
-        ("pretrain_teacher", "done"),
-        ("teacher_cache", "done"),
-        ("layer_map", "done"),
-        ("train_student", "done"),
-        ("train_baseline", "done"),
-        ("quantize", "done"),
-        ("qat", "done"),
-        ("evaluate", "done"),
-        ("evaluate_reasoning", "done"),
-        ("export", "done"),
-    ]
+    assert (
+        [(s["stage"], s["state"]) for s in status["stages"]]
+        == [(name, "done") for name in EVERY_STAGE]
+        == [
+            ("prepare_data", "done"),
+            ("pretrain_teacher", "done"),
+            ("teacher_cache", "done"),
+            ("layer_map", "done"),
+            ("train_student", "done"),
+            ("train_baseline", "done"),
+            ("quantize", "done"),
+            ("qat", "done"),
+            ("evaluate", "done"),
+            ("evaluate_reasoning", "done"),
+            ("export", "done"),
+        ]
+    )
     manifests = {p.parent.parent.name: p.stat().st_mtime_ns for p in store.glob("*/*/manifest.json")}
     began = time.perf_counter()
     again = gemstill("run", "tiny", "--store", str(store))
@@ -265,7 +294,7 @@ def test_qat_beats_the_same_steps_without_the_quantizer(full_run, tmp_path):
     from gemstill.loading import load_checkpoint
     from gemstill.pipeline.plan import make_plan
     from gemstill.pipeline.quant_stages import qat_run, variant_spec
-    from gemstill.quant import quantized_params
+    from gemstill.quant.weights import quantized_params
 
     store, _, _ = full_run
     plan = make_plan("tiny", store=str(store))
@@ -299,7 +328,7 @@ def test_exports_load_in_transformers_and_hold_the_qat_weights(full_run):
     from gemstill.checkpoints.gguf_file import load_gguf
     from gemstill.checkpoints.native import load_native
     from gemstill.loading import load_model
-    from gemstill.quant import quantized_params
+    from gemstill.quant.weights import quantized_params
     from gemstill.scoring import Scorer
 
     store, _, _ = full_run

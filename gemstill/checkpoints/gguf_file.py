@@ -9,18 +9,14 @@ from typing import Any
 import gguf
 import numpy as np
 
-from gemstill.checkpoints.names import from_hf_layout, is_norm, name_table, to_hf_layout
+from gemstill.checkpoints.names import is_norm, name_table
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
-from gemstill.quant import (
-    GGUF_FORMATS,
-    PackedWeight,
-    check_params,
-    float_array,
-    from_gguf_blocks,
-    quantize_numpy,
-    to_gguf_blocks,
-)
+from gemstill.layout import from_hf_layout, to_hf_layout
+from gemstill.params import check_finite
+from gemstill.quant.codec import GGUF_FORMATS, from_gguf_blocks, quantize_numpy, to_gguf_blocks
+from gemstill.quant.packed import PackedWeight, float_array
+from gemstill.quant.weights import check_params
 
 ARCH = "gemma3"
 # not read by llama.cpp (it derives the 27B query scale from the size); lets custom students round-trip exactly
@@ -176,6 +172,7 @@ def load_gguf(
         if is_norm(ours):
             array = array - 1.0  # GGUF stores 1 + w
         flat[ours] = from_hf_layout(ours, array.reshape(_hf_shape(ours, config)), config)
+    check_finite(flat, source)
     return config, flat, reader
 
 

@@ -11,11 +11,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from gemstill.checkpoints.names import from_hf_layout, name_table, to_hf_layout
+from gemstill.checkpoints.names import name_table
 from gemstill.config import VOCAB_SIZE, Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_dir
-from gemstill.quant import float_array
+from gemstill.layout import from_hf_layout, to_hf_layout
+from gemstill.params import check_finite
+from gemstill.quant.packed import float_array
 
 _TEXT_MODEL_TYPES = ("gemma3_text", "gemma3")
 # where the text decoder's tensors live, by checkpoint generation
@@ -32,6 +34,13 @@ def config_from_hf(raw: dict[str, Any], source: str) -> Gemma3Config:
         raise GemstillError(
             f"{source}: model_type {model_type!r} is not Gemma 3; gemstill loads Gemma-3-architecture checkpoints only"
         )
+    integers = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "sliding_window", "vocab_size", "max_position_embeddings")  # fmt: skip
+    for name in integers:
+        if raw.get(name) is not None and (not isinstance(raw[name], int) or isinstance(raw[name], bool)):
+            raise GemstillError(
+                f"{source}: config.json has {name} = {raw[name]!r}, not an integer; fix it or re-download the model"
+            )
     rope = raw.get("rope_parameters") or {}
     local_rope = rope.get("sliding_attention", {})
     global_rope = rope.get("full_attention", {})
@@ -121,8 +130,13 @@ def hf_config(directory: Path) -> Gemma3Config:
         raise GemstillError(f"{source}: no config.json; point hf: at a Hugging Face model directory")
     try:
         return config_from_hf(json.loads(config_path.read_text()), source)
-    except (json.JSONDecodeError, KeyError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as err:
         raise GemstillError(f"{source}: config.json is unreadable or incomplete ({err}); re-download it") from None
+    except (TypeError, ValueError) as err:  # a value of the wrong type ("hidden_size": "640")
+        reason = " ".join(str(err).split())[:160]
+        raise GemstillError(
+            f"{source}: config.json has a value of the wrong type ({reason}); fix or re-download it"
+        ) from None
 
 
 def load_hf(directory: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]:
@@ -155,6 +169,7 @@ def load_hf(directory: str | Path) -> tuple[Gemma3Config, dict[str, np.ndarray]]
         flat[ours] = from_hf_layout(ours, tensors[hf_name], config)
     # 4B+ conditional-generation checkpoints append 64 unused embedding rows; ids >= 262,144 never occur
     flat["embedding"] = flat["embedding"][: config.vocab_size]
+    check_finite(flat, source)
     return config, flat
 
 

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.fsutil import atomic_dir
-from gemstill.params import expected_shapes
+from gemstill.params import check_finite, expected_shapes
 
 FORMAT = "gemstill-native-1"
 
@@ -105,4 +105,6 @@ def load_native(
         raise GemstillError(
             f"orbax:{directory}: parameters unreadable ({type(err).__name__}); the checkpoint is damaged, re-save it"
         ) from None
-    return config, _flatten(restored)
+    flat = _flatten(restored)
+    check_finite(flat, f"orbax:{directory}")
+    return config, flat

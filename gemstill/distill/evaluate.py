@@ -27,7 +27,7 @@ from gemstill.data.targets import next_token_targets
 from gemstill.fsutil import atomic_write_bytes
 from gemstill.model import Gemma3
 from gemstill.params import count_params, from_flat
-from gemstill.quant import PackedWeight
+from gemstill.quant.packed import PackedWeight
 
 EVAL_CHUNK = 256  # tokens per [chunk x vocab] tile: 256 x 262,144 float32 = 256 MiB per model
 

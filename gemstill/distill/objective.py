@@ -13,7 +13,7 @@ from gemstill.distill.run import Run, student_params
 from gemstill.distill.strategies import TERMS, LogitTerm, intermediate_terms
 from gemstill.model import ModelOutput, build_model
 from gemstill.params import ParamBinder
-from gemstill.quant import fake_quant_params
+from gemstill.quant.weights import fake_quant_params
 
 Loss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from gemstill.config import Gemma3Config
 from gemstill.distill.config import DistillConfig, TrainingConfig
 from gemstill.distill.optim import is_frozen
-from gemstill.quant import fake_quant_params
+from gemstill.quant.weights import fake_quant_params
 
 PROJECTION = "projections."  # name prefix of the learned hidden-state projections among the trainable arrays
 

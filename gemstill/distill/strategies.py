@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from gemstill.distill.config import DistillConfig, schedule_value
 from gemstill.distill.losses import TeacherTargets, attention_loss, hidden_loss, logit_loss
 from gemstill.distill.run import PROJECTION, Run
-from gemstill.kernels.lm_head import head_stats_dispatch
+from gemstill.kernels.dispatch import head_stats_dispatch
 from gemstill.model import ModelOutput
 
 TERMS = ("loss", "distill", "cross_entropy", "hidden", "attention")  # what every step reports

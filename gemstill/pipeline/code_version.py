@@ -144,6 +144,12 @@ def module_closure(roots: tuple[str, ...]) -> list[str]:
     return sorted(seen)
 
 
+def module_imports(name: str) -> set[str]:
+    """The gemstill source modules `name` imports directly (at the top or inside functions): one module's edges of
+    the graph the keys hash, read the same way (tests/test_layers.py holds the house to its floors with it)."""
+    return {n for n in _imported_names(name) if _ours(n) and n != name and _source_file(n) is not None}
+
+
 def _parents(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from gemstill import interrupt
 from gemstill.errors import GemstillError
 
 DEFAULT_TTL_S = 120.0  # $GEMSTILL_LEASE_SECONDS overrides it
@@ -27,7 +28,14 @@ POLL_S = 1.0
 
 
 def lease_ttl() -> float:
-    return float(os.environ.get("GEMSTILL_LEASE_SECONDS") or DEFAULT_TTL_S)
+    value = os.environ.get("GEMSTILL_LEASE_SECONDS") or str(DEFAULT_TTL_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise GemstillError(f"GEMSTILL_LEASE_SECONDS={value!r} is not a positive number of seconds; unset it or fix it")
+    return seconds
 
 
 def _owner() -> str:
@@ -43,6 +51,7 @@ class Lease:
     log: Callable[[str], None]
     _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _forget: Callable[[], None] = lambda: None  # drops the release registered for an interrupted exit
 
     def _record(self) -> dict[str, Any]:
         now = time.time()
@@ -60,6 +69,7 @@ class Lease:
             self._write()
 
     def release(self) -> None:
+        self._forget()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -74,14 +84,21 @@ class Lease:
         self.release()
 
 
+_STALE = {"owner": "an unreadable lease", "heartbeat_at": 0.0, "expires_at": 0.0}
+
+
 def read_lease(fs: Any, path: str) -> dict[str, Any] | None:
     try:
         with fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
+            record = json.loads(handle.read())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, KeyError):
-        return {"owner": "?", "heartbeat_at": 0.0, "expires_at": 0.0}  # unreadable: treat as stale
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _STALE  # unreadable: treat as stale
+    fields = {"owner": str, "heartbeat_at": (int, float), "expires_at": (int, float)}
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), t) for k, t in fields.items()):
+        return _STALE  # not a lease gemstill wrote (`{}`, a truncated edit): stale, taken over
+    return record
 
 
 def acquire(fs: Any, path: str, what: str, log: Callable[[str], None] = print, wait_s: float | None = None) -> Lease:
@@ -104,6 +121,7 @@ def acquire(fs: Any, path: str, what: str, log: Callable[[str], None] = print, w
             if (read_lease(fs, path) or {}).get("owner") == lease.owner:
                 lease._thread = threading.Thread(target=lease._beat, name=f"lease {path}", daemon=True)
                 lease._thread.start()
+                lease._forget = interrupt.on_exit(lease.release)  # an interrupted run lets go of it at once
                 return lease
             continue  # another run's write won: it holds the lease now
         if wait_s is not None and time.monotonic() - started > wait_s:
@@ -114,4 +132,5 @@ def acquire(fs: Any, path: str, what: str, log: Callable[[str], None] = print, w
         if not told:
             log(f"{what}: {holder['owner']} is computing it; waiting for that run to finish")
             told = True
+        interrupt.check()
         time.sleep(POLL_S)

@@ -21,13 +21,14 @@ import gemstill
 from gemstill import distributed
 from gemstill.errors import GemstillError
 from gemstill.pipeline.code_version import code_version
-from gemstill.pipeline.context import StageContext
+from gemstill.pipeline.context import ProfileView, StageContext, view
 from gemstill.pipeline.lease import acquire
-from gemstill.pipeline.profile import Profile, load_profile
+from gemstill.pipeline.profile import Profile, load_profile, resolve_profile_path
 from gemstill.pipeline.spec import PipelineSpec, StageSpec, load_pipeline
 from gemstill.pipeline.stages import StageTask, hashed_profile, resolve_task
-from gemstill.pipeline.store import ArtifactStore
-from gemstill.pipeline.trust import check_configured_file
+from gemstill.pipeline.store import ArtifactStore, CorruptResult
+from gemstill.pipeline.trust import check_configured_file, check_paths
+from gemstill.pipeline.watchdog import Watchdog
 from gemstill.shipped import resolve_yaml
 
 State = Literal["done", "stale", "missing"]
@@ -52,6 +53,16 @@ class Plan:
     pipeline_path: Path
     store: ArtifactStore
     stages: dict[str, PlannedStage]  # in dependency order
+    hashed_profile: dict[str, Any]  # the profile as keys see it (gemstill.pipeline.stages.hashed_profile)
+
+    def view(self, name: str) -> ProfileView:
+        """The profile as stage `name` may read it: only the settings its task declares."""
+        stage = self.stages[name]
+        return view(self.profile, stage.task.visible, name, stage.spec.task)
+
+    def memory(self, name: str) -> dict[str, int]:
+        """The stage's memory estimate per device (empty where its task has none)."""
+        return self.stages[name].task.memory(self.view(name))
 
     def state(self, name: str) -> State:
         stage = self.stages[name]
@@ -83,11 +94,16 @@ def make_plan(
 ) -> Plan:
     """The plan of a profile's pipeline; `restricted` (a deployment run) limits it to the files and task modules
     the machine is configured with (gemstill.pipeline.trust)."""
+    if restricted:  # where the files live is checked before anything in them is read
+        check_configured_file("profiles", resolve_profile_path(profile_name))
+        if pipeline:
+            check_configured_file("pipelines", resolve_yaml("pipelines", pipeline))
     profile, profile_path = load_profile(profile_name, overrides)
     pipeline_path = resolve_yaml("pipelines", pipeline) if pipeline else profile.pipeline_path()
     if restricted:
-        check_configured_file("profiles", profile_path)
         check_configured_file("pipelines", pipeline_path)
+        as_written = load_profile(profile_name)[0]
+        check_paths(as_written, profile.model_copy(update={"store": store}) if store else profile)
     spec = load_pipeline(pipeline_path)
     dumped = hashed_profile(profile)
     planned: dict[str, PlannedStage] = {}
@@ -95,15 +111,23 @@ def make_plan(
     for name in spec.order():
         stage = spec.stages[name]
         task = resolve_task(stage.task, stage.reads, restricted)
-        if task.validate not in validated:
-            validated.add(task.validate)
-            task.validate(profile)
-        settings = {path: _lookup(dumped, path) for path in task.reads}
-        code = code_version((task.code_root,))
+        if (task.validate, task.visible) not in validated:  # checked through the stage's own view of the profile
+            validated.add((task.validate, task.visible))
+            task.validate(view(profile, task.visible, name, stage.task))
         inputs = {need: planned[need].key for need in stage.needs}
-        key = stage_key(name, stage.task, settings, code, inputs)
+        settings, code, key = keyed(name, stage.task, task, dumped, inputs)
         planned[name] = PlannedStage(name, stage, task, settings, code, inputs, key)
-    return Plan(profile, profile_path, spec, pipeline_path, ArtifactStore(store or profile.store), planned)
+    return Plan(profile, profile_path, spec, pipeline_path, ArtifactStore(store or profile.store), planned, dumped)
+
+
+def keyed(
+    name: str, task_name: str, task: StageTask, hashed: dict[str, Any], inputs: dict[str, str]
+) -> tuple[dict[str, Any], str, str]:
+    """(settings, code version, key) of `task` run as stage `name` on `inputs` (upstream name -> key): the one key
+    scheme, for the pipeline's stages and for work a flow keeps in the store beside them (the nightly's)."""
+    settings = {path: _lookup(hashed, path) for path in task.reads}
+    code = code_version((task.code_root,))
+    return settings, code, stage_key(name, task_name, settings, code, inputs)
 
 
 def check_hardware(profile: Profile) -> None:
@@ -146,18 +170,27 @@ def run_stage(
             f"stage {name} needs {', '.join(missing)}, not done with these settings; run the pipeline without --only"
         )
     with acquire(plan.store.fs, plan.store.lease_path(name, stage.key), f"stage {name} ({stage.key})", log=log):
+        plan.store.finish_refresh(name, stage.key)  # a refresh of this key whose swap was cut short
         if not fresh and (done := plan.store.manifest(name, stage.key)) is not None:
             log(f"stage {name}: already committed ({stage.key}), by another run or an earlier attempt; using it")
             return done
         started = time.time()
-        workdir = plan.store.prepare(name, stage.key, refresh=fresh)
-        metrics = _compute(plan, name, fresh, workdir, log, progress)
-        return _commit(plan, name, fresh, started, metrics)
+        with Watchdog(stage.spec.timeout_seconds, f"stage {name}") as watchdog:
+            workdir = plan.store.prepare(name, stage.key, refresh=fresh)
+            metrics = _compute(plan, name, fresh, workdir, watchdog.reporting(log), watchdog.reporting(progress))
+            watchdog.check()  # past the deadline: nothing is committed
+            return _commit(plan, name, fresh, started, metrics)
 
 
 def _inputs(plan: Plan, name: str) -> dict[str, Path]:
+    """The committed inputs' directories, each checked against its manifest first (a corrupt one is refused)."""
     stage = plan.stages[name]
-    return {plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs}
+    try:
+        return {
+            plan.pipeline.stages[need].task: plan.store.fetch(need, plan.stages[need].key) for need in stage.spec.needs
+        }
+    except CorruptResult as corrupt:
+        raise corrupt.naming(plan.profile.name) from None
 
 
 def _compute(
@@ -172,8 +205,7 @@ def _compute(
     stage = plan.stages[name]
     context = StageContext(
         stage=name,
-        profile=plan.profile,
-        settings=stage.settings,
+        profile=plan.view(name),
         inputs=_inputs(plan, name),
         workdir=workdir,
         log=log,
@@ -224,6 +256,7 @@ def _run_stage_in_group(
     if leader:
         missing = [need for need in stage.spec.needs if plan.store.manifest(need, plan.stages[need].key) is None]
         lease = acquire(plan.store.fs, plan.store.lease_path(name, stage.key), f"stage {name} ({stage.key})", log=log)
+        plan.store.finish_refresh(name, stage.key)
         if missing:
             decision = "missing " + ", ".join(missing)
         elif not fresh and plan.store.manifest(name, stage.key) is not None:
@@ -244,12 +277,17 @@ def _run_stage_in_group(
             distributed.barrier(f"stage {name} prepared")
             metrics = None
             try:
-                if stage.task.collective:
-                    workdir = plan.store.join(name, stage.key, refresh=fresh)
-                    metrics = _compute(plan, name, fresh, workdir, log, progress)
-                elif leader:
-                    with distributed.alone():
-                        metrics = _compute(plan, name, fresh, plan.store.join(name, stage.key, fresh), log, progress)
+                with Watchdog(stage.spec.timeout_seconds, f"stage {name}") as watchdog:
+                    log, progress = watchdog.reporting(log), watchdog.reporting(progress)
+                    if stage.task.collective:
+                        workdir = plan.store.join(name, stage.key, refresh=fresh)
+                        metrics = _compute(plan, name, fresh, workdir, log, progress)
+                    elif leader:
+                        with distributed.alone():
+                            workdir = plan.store.join(name, stage.key, fresh)
+                            metrics = _compute(plan, name, fresh, workdir, log, progress)
+            except TimeoutError:
+                raise  # a stage past its time limit: the same in every process, and Prefect's TimedOut
             except Exception as error:  # not retried here: a retry in one process alone would wait for the rest
                 message = " ".join(str(error).split())[:300]
                 raise GemstillError(

@@ -23,7 +23,7 @@ NATIVE_DIR = "quantized"
 
 def variant_spec(directory: Path, fmt: str) -> str:
     """The model spec of a stored quantized variant."""
-    from gemstill.quant import GGUF_FORMATS
+    from gemstill.quant.codec import GGUF_FORMATS
 
     return f"gguf:{directory / GGUF_FILE}" if fmt in GGUF_FORMATS else f"orbax:{directory / NATIVE_DIR}"
 
@@ -33,7 +33,8 @@ def save_variant(directory: Path, config: Gemma3Config, flat: dict[str, Any], fm
     (the tokenizer goes into the int8 checkpoint only; exports add it to GGUFs)."""
     from gemstill.checkpoints.gguf_file import save_gguf
     from gemstill.checkpoints.native import save_native
-    from gemstill.quant import GGUF_FORMATS, quantized_params
+    from gemstill.quant.codec import GGUF_FORMATS
+    from gemstill.quant.weights import quantized_params
 
     directory.mkdir(parents=True, exist_ok=True)
     if fmt in GGUF_FORMATS:
@@ -64,15 +65,23 @@ def _tokenizer(ctx: StageContext):
     return Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
 
 
-def validate_quantization(profile: Profile) -> None:
+def _validate_formats(profile: Profile, formats: list[str]) -> None:
     """Refuse, when the plan is made, a student whose weights do not split into the formats' 32-value blocks."""
     from gemstill.pipeline.student_stages import student_config
     from gemstill.pipeline.teacher import teacher_config
-    from gemstill.quant import check_params
+    from gemstill.quant.weights import check_params
 
     student = student_config(profile, teacher_config(profile))
-    for fmt in {*profile.quantize.formats, *profile.qat.formats}:
+    for fmt in formats:
         check_params(student, fmt, profile.quantize.embedding)
+
+
+def validate_ptq(profile: Profile) -> None:
+    _validate_formats(profile, profile.quantize.formats)
+
+
+def validate_qat(profile: Profile) -> None:
+    _validate_formats(profile, profile.qat.formats)
 
 
 def quantize_stage(ctx: StageContext) -> dict[str, Any]:
@@ -162,6 +171,15 @@ def variant_candidates(ctx: StageContext) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _settings(ctx: StageContext, task: str) -> dict[str, Any]:
+    """The settings an upstream stage's key hashed, from its committed manifest (empty if it is not an input)."""
+    import json
+
+    if task not in ctx.inputs:
+        return {}
+    return json.loads((ctx.inputs[task] / "manifest.json").read_text()).get("settings", {})
+
+
 def export_stage(ctx: StageContext) -> dict[str, Any]:
     """Write every export the profile lists, each with its model card; a quantized GGUF comes from the QAT
     student of its format when the qat stage trained one (source: auto)."""
@@ -169,7 +187,7 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
 
     from gemstill.export import GEMMA_TERMS, SCRATCH_TERMS, ModelCard, export_model
     from gemstill.loading import load_checkpoint
-    from gemstill.quant import GGUF_FORMATS
+    from gemstill.quant.codec import GGUF_FORMATS
 
     profile = ctx.profile
     if not profile.export:
@@ -183,14 +201,17 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
     teacher_label = teacher.model or "trained from scratch by gemstill ({} layers, width {})".format(
         teacher.scratch.architecture.get("num_layers"), teacher.scratch.architecture.get("embed_dim")
     )
+    trained = _settings(ctx, "train_student")  # what the student was trained with, as its stage recorded it
+    data = _settings(ctx, "prepare_data").get("data") or {}
+    distill, training = trained.get("distill") or {}, trained.get("training") or {}
     facts = [
         ("profile", profile.name),
         ("teacher", teacher_label),
         ("student", f"Gemma 3 architecture, {config.num_layers} layers, width {config.embed_dim}"),
-        ("data", f"{profile.data.source}, sequences of {profile.data.seq_len} tokens"),
+        ("data", f"{data.get('source')}, sequences of {data.get('seq_len')} tokens"),
         (
             "distillation",
-            f"{profile.distill.divergence}, alpha {profile.distill.alpha}, {profile.training.steps} steps",
+            f"{distill.get('divergence')}, alpha {distill.get('alpha')}, {training.get('steps')} steps",
         ),
         *[(f"stage key: {name}", key) for name, key in sorted(ctx.input_keys.items())],
     ]
@@ -206,7 +227,8 @@ def export_stage(ctx: StageContext) -> dict[str, Any]:
         how = f"{target.quant} from the fp32 student{rounded}"
         if from_qat:
             _, flat, _ = load_checkpoint(variant_spec(ctx.input("qat") / target.quant, target.quant))
-            how = f"{target.quant} from quantization-aware training ({profile.qat.steps} steps): lossless"
+            steps = (_settings(ctx, "qat").get("qat") or {}).get("steps") or training.get("steps")
+            how = f"{target.quant} from quantization-aware training ({steps} steps): lossless"
         coverage = "linear layers and the tied embedding" if profile.quantize.embedding else "linear layers"
         card = ModelCard(
             title=f"{profile.name} student",

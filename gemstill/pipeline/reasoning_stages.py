@@ -33,33 +33,16 @@ def reasoning_models(ctx: StageContext) -> list[tuple[str, str]]:
     return [(name, spec) for name, spec in models if name in wanted]
 
 
-def stage_problems(ctx: StageContext):
-    """The prepared held-out problems (generated data) and the profile's problem files, each kind limited."""
-    from gemstill.reasoning.problems import load_problems
-    from gemstill.shipped import resolve_problem_file
-
-    settings = ctx.profile.reasoning
-    heldout = ctx.input("prepare_data") / "heldout.jsonl"
-    problems = load_problems(heldout, settings.limit) if heldout.is_file() and heldout.read_text().strip() else []
-    for path in settings.problems:
-        problems += load_problems(resolve_problem_file(path), settings.limit)
-    if not problems:
-        raise GemstillError(
-            "stage evaluate_reasoning has no problems: the data source holds none out; list jsonl files in "
-            "reasoning.problems (GSM8K or Game-of-24 format)"
-        )
-    return problems
-
-
 def evaluate_reasoning_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.fsutil import atomic_write_bytes
+    from gemstill.reasoning.problems import suite_problems
     from gemstill.reasoning.report import report_markdown, save_reasoning_plot, save_records
     from gemstill.reasoning.suite import add_teacher_fraction, load_text_model, score_model
     from gemstill.tokenizer import Tokenizer
 
     settings = ctx.profile.reasoning
     tokenizer = Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
-    problems = stage_problems(ctx)
+    problems = suite_problems(settings, ctx.input("prepare_data"))
     counts = {kind: sum(p.kind == kind for p in problems) for kind in dict.fromkeys(p.kind for p in problems)}
     ctx.log(f"evaluate_reasoning: {len(problems)} problems {counts}, methods {settings.methods}")
     rows: list[dict[str, Any]] = []
@@ -76,11 +59,9 @@ def evaluate_reasoning_stage(ctx: StageContext) -> dict[str, Any]:
         "Every answer is checked by code; the per-problem records are in records/<model>/<method>-<kind>.jsonl.",
         *tot_notes(rows),
     ]
-    atomic_write_bytes(
-        ctx.workdir / "report.json", json.dumps({"profile": ctx.profile.name, "rows": rows}, indent=2).encode()
-    )
+    atomic_write_bytes(ctx.workdir / "report.json", json.dumps({"rows": rows}, indent=2).encode())
     save_reasoning_plot(ctx.workdir / "reasoning.png", rows)
-    title = f"gemstill reasoning report: {ctx.profile.name}"
+    title = "gemstill reasoning report"
     atomic_write_bytes(ctx.workdir / "report.md", report_markdown(title, rows, notes).encode())
     for note in notes[2:]:
         ctx.log(f"evaluate_reasoning: {note}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from gemstill.data.config import DataConfig
 from gemstill.errors import GemstillError
-from gemstill.pipeline import quant_stages, reasoning_stages, student_stages, teacher_stages
+from gemstill.pipeline import evaluate_stage, quant_stages, reasoning_stages, student_stages, teacher_stages
 from gemstill.pipeline.context import StageContext
 from gemstill.pipeline.profile import Profile
 from gemstill.pipeline.teacher import teacher_identity
@@ -24,19 +24,32 @@ StageFn = Callable[[StageContext], dict[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class StageTask:
+    """A stage function and what it may read of the profile. `reads` are the settings its cache key hashes (dotted
+    paths, and the derived values in DERIVED); `uses` are settings that choose how it runs, not what it computes
+    (the device mesh of a stage whose result does not depend on it), readable but not hashed. The stage function,
+    its memory estimate and its validation see the profile through a view of exactly these
+    (gemstill.pipeline.context.ProfileView): reading anything else raises, naming the setting."""
+
     fn: StageFn  # its module roots the code version's import graph
-    reads: tuple[str, ...]  # dotted profile paths the key hashes
-    memory: Callable[[Profile], dict[str, int]] = lambda profile: {}
-    validate: Callable[[Profile], None] = lambda profile: None  # checks run when the plan is made, before compute
+    reads: tuple[str, ...]
+    memory: Callable[[Any], dict[str, int]] = lambda profile: {}
+    validate: Callable[[Any], None] = lambda profile: None  # checks run when the plan is made, before compute
     # in a multi-process run: every process runs it (the work is split over them), else process 0 alone
     collective: bool = False
+    uses: tuple[str, ...] = ()
 
     @property
     def code_root(self) -> str:
         """Where the code version's import graph starts: "module:function" of the stage function."""
         return f"{self.fn.__module__}:{self.fn.__name__}"
 
+    @property
+    def visible(self) -> tuple[str, ...]:
+        """Every setting the stage may read: its key's and the ones that only choose where it runs."""
+        return self.reads + self.uses
 
+
+_TEACHER = ("teacher", "precision", "_teacher_identity")  # the teacher's config at the profile's precision
 BUILTIN: dict[str, StageTask] = {
     "prepare_data": StageTask(
         fn=teacher_stages.prepare_data_stage,
@@ -45,24 +58,25 @@ BUILTIN: dict[str, StageTask] = {
     "pretrain_teacher": StageTask(
         fn=teacher_stages.pretrain_teacher_stage,
         collective=True,
-        reads=("teacher.scratch", "precision"),
+        reads=("teacher.scratch", "precision", "data.seq_len"),
+        uses=("hardware.mesh",),  # data-parallel pretraining: the same model within float32 summation order
         memory=teacher_stages.pretrain_memory,
     ),
     "teacher_cache": StageTask(
         fn=teacher_stages.teacher_cache_stage,
         collective=True,
-        reads=("teacher", "teacher_cache", "precision", "_teacher_identity"),
+        reads=("teacher", "teacher_cache", "precision", "data.seq_len", "_teacher_identity"),
         memory=teacher_stages.teacher_cache_memory,
     ),
 }
 
-_STUDENT_READS = ("teacher", "student", "layer_map", "training", "precision", "hardware.mesh", "_teacher_identity")
+_STUDENT_READS = (*_TEACHER, "student", "layer_map", "training", "hardware.mesh", "data.seq_len")
 BUILTIN.update(
     {
         "layer_map": StageTask(
             fn=student_stages.layer_map_stage,
             collective=True,
-            reads=("teacher", "student", "layer_map", "precision", "_teacher_identity"),
+            reads=(*_TEACHER, "student", "layer_map"),
             validate=student_stages.validate_student,
         ),
         "train_student": StageTask(
@@ -80,49 +94,43 @@ BUILTIN.update(
             validate=student_stages.validate_student,
         ),
         "evaluate": StageTask(
-            fn=student_stages.evaluate_stage,
+            fn=evaluate_stage.evaluate_stage,
             collective=True,
-            reads=(
-                "teacher",
-                "evaluate",
-                "quantize",
-                "qat.formats",
-                "precision",
-                "_teacher_identity",
-                "_out_of_domain_identity",
-            ),
+            reads=(*_TEACHER, "evaluate", "quantize", "qat.formats", "_out_of_domain_identity"),
         ),
         "evaluate_reasoning": StageTask(
             fn=reasoning_stages.evaluate_reasoning_stage,
-            reads=(
-                "teacher",
-                "reasoning",
-                "quantize",
-                "qat.formats",
-                "precision",
-                "_teacher_identity",
-                "_problem_files",
-            ),
+            reads=(*_TEACHER, "reasoning", "quantize", "qat.formats", "_problem_files"),
         ),
         "teacher_generate": StageTask(
             fn=reasoning_stages.teacher_generate_stage,
-            reads=("teacher", "data", "teacher_generate", "precision", "_teacher_identity", "_data_identity"),
+            reads=(*_TEACHER, "data", "teacher_generate", "_data_identity"),
         ),
         "quantize": StageTask(
             fn=quant_stages.quantize_stage,
-            reads=("quantize",),
-            validate=quant_stages.validate_quantization,
+            reads=(*_TEACHER, "student", "quantize"),  # the student's config: refused before any work
+            validate=quant_stages.validate_ptq,
         ),
         "qat": StageTask(
             fn=quant_stages.qat_stage,
             collective=True,
-            reads=("quantize.embedding", "qat", "distill", "training", "teacher_cache.temperature", "hardware.mesh"),
+            reads=(
+                *_TEACHER,
+                "student",
+                "training",
+                "hardware.mesh",
+                "data.seq_len",
+                "quantize.embedding",
+                "qat",
+                "distill",
+                "teacher_cache.temperature",
+            ),
             memory=student_stages.train_baseline_memory,  # the student's training step, no online teacher
-            validate=quant_stages.validate_quantization,
+            validate=quant_stages.validate_qat,
         ),
         "export": StageTask(
             fn=quant_stages.export_stage,
-            reads=("export", "quantize.embedding", "qat.formats", "teacher", "_teacher_identity"),
+            reads=(*_TEACHER, "name", "export", "quantize.embedding", "qat.formats"),
         ),
     }
 )
@@ -149,11 +157,8 @@ def corpus_identity(data: DataConfig) -> Any:
 
     if data.source == "python-docs":
         return platform.python_version()
-    if data.source == "files" and data.files is not None:
-        try:
-            files = [Path(f) for f in resolve_paths(data.files.paths)]
-        except GemstillError:  # not on this machine: the plan still forms (prepare_data names the missing files)
-            return {"not found": data.files.paths}
+    if data.source == "files" and data.files is not None:  # a pattern matching no file is refused, naming it
+        files = [Path(f) for f in resolve_paths(data.files.paths)]
         return [[f.suffix.lower(), cached_file_sha256(f, cache_root())] for f in files]
     return None
 

@@ -34,6 +34,21 @@ OLD = ".old"  # suffix of the result a local swap is replacing
 LEASE = ".lease"
 
 
+class CorruptResult(GemstillError):
+    """A committed result whose files do not match its manifest: never served; the stage must be recomputed."""
+
+    def __init__(self, stage: str, key: str, problem: str, profile: str = "PROFILE") -> None:
+        super().__init__(
+            f"{problem}: the committed result of stage {stage} is corrupt; recompute it: gemstill run {profile} "
+            f"--refresh {stage}"
+        )
+        self.stage, self.key, self.problem = stage, key, problem
+
+    def naming(self, profile: str) -> CorruptResult:
+        """The same error, its command naming the profile."""
+        return CorruptResult(self.stage, self.key, self.problem, profile)
+
+
 class ArtifactStore:
     def __init__(self, root: str, staging_root: Path | None = None):
         self.root = root
@@ -43,6 +58,8 @@ class ArtifactStore:
             raise GemstillError(f"store {root}: no filesystem for it ({err}); install its fsspec backend") from None
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols
+        if self.is_local and Path(self.base).exists() and not Path(self.base).is_dir():
+            raise GemstillError(f"store {root}: a file, not a directory; give --store a directory (new or a store)")
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         from gemstill.loading import cache_root
 
@@ -76,9 +93,49 @@ class ArtifactStore:
             return None  # a torn manifest cannot exist (atomic writes), but never trust one
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
-        if self._read_manifest(stage, key + REFRESH) is not None:
-            self._finish_swap(stage, key)  # a refresh committed and its swap was cut short: the new result wins
+        """The committed manifest of a stage run, or None; reading never moves or deletes anything (a refresh
+        whose swap was cut short is finished by the next run of that stage, in finish_refresh)."""
         return self._read_manifest(stage, key)
+
+    def finish_refresh(self, stage: str, key: str) -> None:
+        """Put a committed refresh whose swap was cut short in place of the old result, once its files check out
+        against its manifest (what the run that made it would have done); one that does not is left alone."""
+        if self._read_manifest(stage, key + REFRESH) is None:
+            return
+        if self.is_local and (problem := self._check_files(self.work_dir(stage, key, refresh=True), stage, key)):
+            raise GemstillError(
+                f"store {self.root}: the refresh of {stage}/{key} that was cut short does not match its manifest "
+                f"({problem}); remove {self._remote(stage, key + REFRESH)} and run the stage again"
+            )
+        self._finish_swap(stage, key)
+
+    def verify(self, stage: str, key: str) -> str | None:
+        """What is wrong with a committed local result against its manifest (a file missing, of another size or
+        with other bytes), or None. sha256s are remembered per file (path, size, mtime, ctime), so a result is
+        read in full only once per machine, and again whenever a file of it changes."""
+        manifest = self.manifest(stage, key)
+        if manifest is None or not self.is_local:
+            return None
+        return self._check_files(self.local_dir(stage, key), stage, key, manifest)
+
+    def _check_files(self, directory: Path, stage: str, key: str, manifest: dict[str, Any] | None = None):
+        from gemstill.fingerprint import cached_file_sha256s
+        from gemstill.loading import cache_root
+
+        if manifest is None:
+            manifest = self._read_manifest(stage, key + REFRESH) or {}
+        entries = manifest.get("files", [])
+        for entry in entries:
+            path = directory / entry["path"]
+            if not path.is_file():
+                return f"{stage}/{key}/{entry['path']} is missing"
+            if path.stat().st_size != entry["bytes"]:
+                return f"{stage}/{key}/{entry['path']} has {path.stat().st_size} bytes, its manifest {entry['bytes']}"
+        digests = cached_file_sha256s([directory / e["path"] for e in entries], cache_root())
+        for entry, digest in zip(entries, digests, strict=True):
+            if digest != entry["sha256"]:
+                return f"{stage}/{key}/{entry['path']} has other bytes than its manifest records (sha256 {digest[:12]})"
+        return None
 
     def keys(self, stage: str) -> list[str]:
         """Keys of every committed run of a stage (any config, any code version)."""
@@ -157,11 +214,17 @@ class ArtifactStore:
         then swaps its result in place of the old one."""
         name = key + (REFRESH if refresh else "")
         workdir = self.work_dir(stage, key, refresh)
-        files = []
+        files, digests = [], {}
         for path in sorted(p for p in workdir.rglob("*") if p.is_file() and p.name != MANIFEST):
+            digests[path] = file_sha256(path)
             files.append(
-                {"path": str(path.relative_to(workdir)), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+                {"path": str(path.relative_to(workdir)), "bytes": path.stat().st_size, "sha256": digests[path]}
             )
+        if self.is_local:  # what the store's checks later compare against: remembered, not read again
+            from gemstill.fingerprint import remember_sha256s
+            from gemstill.loading import cache_root
+
+            remember_sha256s(digests, cache_root())
         manifest = {**record, "files": files}
         payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
         if self.is_local:
@@ -221,6 +284,8 @@ class ArtifactStore:
             raise GemstillError(f"stage {stage} ({key}) is not done in store {self.root}; run it first")
         local = self.local_dir(stage, key)
         if self.is_local:
+            if (problem := self.verify(stage, key)) is not None:
+                raise CorruptResult(stage, key, problem)
             return local
         for entry in manifest["files"]:
             target = local / entry["path"]
@@ -229,5 +294,5 @@ class ArtifactStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(self._remote(stage, key, entry["path"]), str(target))
             if file_sha256(target) != entry["sha256"]:
-                raise GemstillError(f"store {self.root}: {stage}/{key}/{entry['path']} fails its checksum; refresh it")
+                raise CorruptResult(stage, key, f"{stage}/{key}/{entry['path']} fails its checksum")
         return local

@@ -15,8 +15,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from gemstill.data.generated import Problem, final_answer, verify
+from gemstill.data.generated import Problem, final_answer, reaches_24, verify
 from gemstill.errors import GemstillError
+from gemstill.reasoning.config import ReasoningConfig
 
 Kind = Literal["arithmetic", "basic", "game24", "gsm8k"]
 GENERATED_KINDS = ("arithmetic", "basic", "game24")
@@ -96,6 +97,11 @@ def _parse_line(record: Any, where: str) -> ReasoningProblem:
         numbers = record["numbers"]
         if not (isinstance(numbers, list) and len(numbers) == 4 and all(isinstance(n, int) and n > 0 for n in numbers)):
             raise GemstillError(f"{where}: 'numbers' must be a list of four positive integers, got {numbers!r}")
+        if not reaches_24(tuple(sorted(Fraction(n) for n in numbers))):
+            raise GemstillError(
+                f"{where}: {numbers} cannot make 24 with + - * / (each number once); no model can solve it: drop or "
+                "fix the line"
+            )
         pid = str(record.get("id", "game24-" + "-".join(map(str, sorted(numbers)))))
         return ReasoningProblem(pid, "game24", game24_question(numbers), "")
     if "question" in record and "answer" in record:
@@ -183,3 +189,20 @@ def generated_heldout(limit: int | None = None) -> list[ReasoningProblem]:
     return limit_per_kind(
         [from_generated(p) for p in generate(config) if is_heldout(p, config.heldout_fraction)], limit
     )
+
+
+def suite_problems(settings: ReasoningConfig, data_dir: Path) -> list[ReasoningProblem]:
+    """The problems a reasoning suite scores: the prepared data's held-out problems (generated data) and the
+    settings' problem files, each kind limited to `settings.limit`."""
+    from gemstill.shipped import resolve_problem_file
+
+    heldout = Path(data_dir) / "heldout.jsonl"
+    problems = load_problems(heldout, settings.limit) if heldout.is_file() and heldout.read_text().strip() else []
+    for path in settings.problems:
+        problems += load_problems(resolve_problem_file(path), settings.limit)
+    if not problems:
+        raise GemstillError(
+            "reasoning evaluation has no problems: the data source holds none out; list jsonl files in "
+            "reasoning.problems (GSM8K or Game-of-24 format)"
+        )
+    return problems

@@ -3,13 +3,15 @@ records kept beside; what the evaluate_reasoning stage, the nightly flow and `ge
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gemstill.errors import GemstillError
-from gemstill.reasoning.config import ReasoningConfig
+from gemstill.reasoning.config import ReasoningConfig, SelfConsistencyConfig, ToTConfig
 from gemstill.reasoning.cot import chain_of_thought, few_shot_prefix, self_consistency
 from gemstill.reasoning.models import SamplerModel, TextModel
 from gemstill.reasoning.problems import ReasoningProblem, generated_heldout
@@ -142,3 +144,83 @@ def resolve_problems(source: str, limit: int | None) -> list[ReasoningProblem]:
     from gemstill.reasoning.problems import load_problems
 
     return generated_heldout(limit) if source == "generated" else load_problems(source, limit)
+
+
+def method_config(
+    method: str,
+    *,
+    prompt: str = "chat",
+    shots: int = 2,
+    limit: int | None = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 64,
+    samples: int = 5,
+    temperature: float = 0.7,
+    breadth: int = 5,
+) -> ReasoningConfig:
+    """The ReasoningConfig of one method run by hand (`gemstill eval reasoning`): sc's samples and temperature, tot
+    at one breadth. A bad value raises pydantic's ValidationError, its first error's loc naming the option."""
+    return ReasoningConfig(
+        methods=[method],
+        prompt=prompt,
+        shots=shots,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        sc=SelfConsistencyConfig(samples=samples, temperature=temperature),
+        tot=ToTConfig(breadths=[breadth]),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEvaluation:
+    """One method of one model on a problem source: a result per kind, in the problems' order, and every record."""
+
+    results: dict[str, MethodResult]  # kind -> result
+    records: list[dict[str, Any]]  # MethodResult.to_json()'s records, kind after kind
+
+    @property
+    def correct(self) -> int:
+        return sum(r["correct"] for r in self.records)
+
+    @property
+    def total(self) -> int:
+        return len(self.records)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` shape: accuracy, correct, total and every record."""
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "records": self.records}
+
+
+def evaluate_file(
+    model: str | TextModel,
+    problems: str,
+    method: str,
+    config: ReasoningConfig,
+    breadth: int | None = None,
+    loading: Callable[[str], contextlib.AbstractContextManager[Any]] = lambda what: contextlib.nullcontext(),
+) -> FileEvaluation:
+    """`method` on `problems` (a jsonl file or `generated`, the first config.limit of each kind) with a model spec
+    (loaded under `loading("loading SPEC")`, e.g. a spinner) or a TextModel; tot (at `breadth`, default the
+    config's first) scores only the Game-of-24 problems. Refuses a chat prompt for a model without a chat
+    template before anything runs."""
+    chosen = resolve_problems(problems, config.limit)
+    if method == "tot":
+        chosen = [p for p in chosen if p.kind == "game24"]
+        if not chosen:
+            raise GemstillError(f"{problems}: no Game-of-24 problems for --method tot; use cot or sc for the others")
+    if isinstance(model, str):
+        with loading(f"loading {model}"):
+            model = load_text_model(model, model, batch_size=config.batch_size)
+    model.render("check", config.prompt)  # refuses a chat prompt for a model without a chat template
+    by_kind: dict[str, list[ReasoningProblem]] = {}
+    for problem in chosen:
+        by_kind.setdefault(problem.kind, []).append(problem)
+    breadth = config.tot.breadths[0] if breadth is None else breadth
+    results = {kind: run_method(model, group, method, config, breadth) for kind, group in by_kind.items()}
+    records = [record for result in results.values() for record in result.to_json()["records"]]
+    return FileEvaluation(results, records)

@@ -14,6 +14,8 @@ import ml_dtypes
 import numpy as np
 import pyarrow as pa
 
+from gemstill.errors import GemstillError
+
 CATALOG = "catalog.duckdb"
 PART = "catalog.process-{index}.duckdb"  # one process's shards in a multi-process run, until process 0 merges
 PART_GLOB = "catalog.process-*.duckdb"
@@ -51,9 +53,23 @@ def connect_catalog(path: Path, read_only: bool = False, wait_s: float = 60.0) -
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as err:
-            if "lock" not in str(err) or time.monotonic() > deadline:
-                raise
+            reason = " ".join(str(err).split())[:200]
+            if "lock" not in str(err):
+                raise GemstillError(
+                    f"{path}: not a readable DuckDB catalog ({reason}); the teacher cache is damaged: recompute it "
+                    "with --refresh teacher_cache"
+                ) from None
+            if time.monotonic() > deadline:
+                raise GemstillError(
+                    f"{path}: locked by another process for over {wait_s:.0f} s ({reason}); wait for that run to "
+                    "finish, or stop it"
+                ) from None
             time.sleep(0.05)
+        except duckdb.Error as err:
+            raise GemstillError(
+                f"{path}: not a readable DuckDB catalog ({type(err).__name__}); the teacher cache is damaged: "
+                "recompute it with --refresh teacher_cache"
+            ) from None
 
 
 def catalog_rows(path: Path, where: str = "", params: tuple = ()) -> list[dict[str, Any]]:

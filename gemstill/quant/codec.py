@@ -1,4 +1,4 @@
-"""The one quantizer: int8 per output channel and llama.cpp's GGUF block formats Q8_0 and Q4_0.
+"""The codec of the one quantizer: int8 per output channel and llama.cpp's GGUF block formats Q8_0 and Q4_0.
 
 Every format works on a weight in Hugging Face's [out, in] layout (the layout GGUF stores), quantizing each
 row along the input dimension:
@@ -18,24 +18,18 @@ weights. Because a dequantized weight lies on its own grid, quantizing it again 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemstill.config import Gemma3Config
 from gemstill.errors import GemstillError
 from gemstill.kernels.quant_matmul import quantize_int8
 
 BLOCK = 32  # inputs per scale in Q8_0 and Q4_0
 FORMATS = ("int8", "q8_0", "q4_0")
 GGUF_FORMATS = ("q8_0", "q4_0")
-# our parameter-name suffixes of the linear layers (every matmul weight but the tied embedding)
-LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
 _ROWS_PER_CALL = 8192  # rows quantized per jitted call: bounds the float32 temporaries of a 262k-row embedding
 
 
@@ -181,150 +175,3 @@ def from_gguf_blocks(raw: np.ndarray, fmt: str, rows: int, features: int) -> tup
         return body.view(np.int8).reshape(rows, features), scales
     codes = np.concatenate([body & 0x0F, body >> 4], axis=1).astype(np.int8) - 8
     return codes.reshape(rows, features), scales
-
-
-def _unpack_nibbles(codes: jax.Array, fmt: str) -> jax.Array:
-    """int8 codes [rows, in] from PackedWeight storage (q4_0 holds columns j and j + in/2 in one byte)."""
-    if fmt != "q4_0":
-        return codes
-    low = (codes & 0x0F).astype(jnp.int8) - 8
-    high = ((codes >> 4) & 0x0F).astype(jnp.int8) - 8
-    return jnp.concatenate([low, high], axis=-1)
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["codes", "scales"], meta_fields=["fmt", "kind", "shape"]
-)
-@dataclasses.dataclass(frozen=True)
-class PackedWeight:
-    """A weight kept quantized in memory: HF-layout codes [rows, in] (int8; q4_0 packs two per byte) and scales.
-
-    `dequantize` rebuilds the float weight in our layout inside the jitted forward pass, one layer at a time, so
-    a loaded model never holds a float32 copy of its weights; `rows` dequantizes only the embedding rows looked up.
-    """
-
-    codes: jax.Array
-    scales: jax.Array
-    fmt: str
-    kind: str  # our parameter kind (q_proj, o_proj, gate, embedding, ...): how HF's layout maps to ours
-    shape: tuple[int, ...]  # our layout
-
-    @classmethod
-    def pack(cls, codes: np.ndarray, scales: np.ndarray, fmt: str, kind: str, shape: tuple[int, ...]) -> PackedWeight:
-        if fmt == "q4_0":
-            half = codes.shape[1] // 2
-            unsigned = (np.asarray(codes) + 8).astype(np.uint8)
-            codes = unsigned[:, :half] | (unsigned[:, half:] << np.uint8(4))
-        return cls(jnp.asarray(codes), jnp.asarray(scales), fmt, kind, tuple(int(n) for n in shape))
-
-    def dequantize(self) -> jax.Array:
-        """The float32 weight in our layout."""
-        from gemstill.checkpoints.names import hf_to_ours
-
-        hf = dequantize_codes(_unpack_nibbles(self.codes, self.fmt), self.scales, self.fmt)
-        return hf_to_ours(self.kind, hf, self.shape)
-
-    def rows(self, ids: jax.Array) -> jax.Array:
-        """float32 rows ids of a [rows, in] weight (the embedding lookup), leaving the other rows packed."""
-        codes = self.codes[ids].reshape(-1, self.codes.shape[-1])
-        scales = self.scales[ids].reshape(codes.shape[0], *self.scales.shape[1:])
-        values = dequantize_codes(_unpack_nibbles(codes, self.fmt), scales, self.fmt)
-        return values.reshape(*ids.shape, values.shape[-1])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.codes.size * self.codes.dtype.itemsize + self.scales.size * self.scales.dtype.itemsize)
-
-
-def deployed_bytes(config: Gemma3Config, fmt: str | None, include_embedding: bool) -> int:
-    """Bytes the weights take stored in `fmt` (None: float32): what a GGUF's tensors or packed memory hold."""
-    from gemstill.params import expected_shapes
-
-    total = 0
-    for name, shape in expected_shapes(config).items():
-        size = int(np.prod(shape))
-        if fmt is None or not is_quantized_name(name, include_embedding):
-            total += 4 * size
-        elif fmt == "int8":
-            total += size + 4 * hf_shape(config, name, shape)[0]  # int8 codes and a float32 scale per row
-        else:
-            total += size // BLOCK * (2 + (BLOCK if fmt == "q8_0" else BLOCK // 2))  # fp16 scale + codes
-    return total
-
-
-def float_array(value: Any) -> np.ndarray:
-    """A parameter as a float32 host array, whether it is an array or a PackedWeight."""
-    if isinstance(value, PackedWeight):
-        value = value.dequantize()
-    return np.asarray(value, np.float32)
-
-
-def is_quantized_name(name: str, include_embedding: bool) -> bool:
-    """Whether a parameter is quantized: every linear layer, and the tied embedding / LM head when asked."""
-    kind = name.rsplit(".", 1)[-1]
-    return kind in LINEAR_KINDS or (include_embedding and name == "embedding")
-
-
-def check_params(config: Gemma3Config, fmt: str, include_embedding: bool) -> None:
-    """Refuse, before any work, a model whose quantized weights do not split into blocks (names the tensor)."""
-    from gemstill.params import expected_shapes
-
-    for name, shape in expected_shapes(config).items():
-        if is_quantized_name(name, include_embedding):
-            check_shape(gguf_name(config, name), hf_shape(config, name, shape), fmt)
-
-
-def gguf_name(config: Gemma3Config, name: str) -> str:
-    from gemstill.checkpoints.names import name_table
-
-    return name_table(config)[name][1]
-
-
-def hf_shape(config: Gemma3Config, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The [out, in] shape HF and GGUF store a weight of our shape in."""
-    from gemstill.checkpoints.names import to_hf_layout
-
-    return jax.eval_shape(lambda a: to_hf_layout(name, a, config), jax.ShapeDtypeStruct(shape, jnp.float32)).shape
-
-
-def quantized_params(
-    config: Gemma3Config, flat: Mapping[str, Any], fmt: str, include_embedding: bool
-) -> dict[str, np.ndarray]:
-    """Post-training round-to-nearest: float32 params (our layout) whose quantized weights lie on fmt's grid."""
-    from gemstill.checkpoints.names import from_hf_layout, to_hf_layout
-
-    check_params(config, fmt, include_embedding)
-    out = {}
-    for name, value in flat.items():
-        value = np.asarray(value, np.float32)
-        if is_quantized_name(name, include_embedding):
-            value = from_hf_layout(name, dequantize_numpy(to_hf_layout(name, value, config), fmt), config)
-        out[name] = value
-    return out
-
-
-def packed_params(config: Gemma3Config, flat: Mapping[str, Any], fmt: str, include_embedding: bool) -> dict[str, Any]:
-    """Params with every quantized weight kept packed (PackedWeight) for inference; the rest unchanged."""
-    from gemstill.checkpoints.names import to_hf_layout
-
-    check_params(config, fmt, include_embedding)
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        if is_quantized_name(name, include_embedding) and not isinstance(value, PackedWeight):
-            codes, scales = quantize_numpy(to_hf_layout(name, np.asarray(value, np.float32), config), fmt)
-            value = PackedWeight.pack(codes, scales, fmt, name.rsplit(".", 1)[-1], np.shape(value))
-        out[name] = value
-    return out
-
-
-def fake_quant_params(
-    config: Gemma3Config, params: Mapping[str, jax.Array], fmt: str, include_embedding: bool
-) -> dict[str, jax.Array]:
-    """Our-layout params with every quantized weight fake-quantized (QAT's forward pass; identity gradient)."""
-    from gemstill.checkpoints.names import from_hf_layout, to_hf_layout
-
-    out = dict(params)
-    for name, value in params.items():
-        if is_quantized_name(name, include_embedding):
-            out[name] = from_hf_layout(name, fake_quant(to_hf_layout(name, value, config), fmt), config)
-    return out
