@@ -31,6 +31,7 @@ def prefect_api() -> Iterator[None]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
+
     def stop() -> None:
         _drain(seconds=2.0)  # the log records and events still queued reach the server before it stops
         server.stop()

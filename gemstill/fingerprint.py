@@ -62,29 +62,28 @@ def cached_file_sha256s(paths: list[Path], cache_dir: Path) -> list[str]:
     """cached_file_sha256 of many files, reading and writing the cache once."""
     cache_file = Path(cache_dir) / _SHA256_CACHE
     known = _read_cache(cache_file)
-    digests, changed = [], False
-    for path in paths:
-        path = Path(path).resolve()
-        entry = _entry(path)
-        if entry not in known:
-            known = {k: v for k, v in known.items() if not k.startswith(f"{path}\0")}  # forget its old versions
-            known[entry] = file_sha256(path)
-            changed = True
-        digests.append(known[entry])
-    if changed:
+    entries = [_entry(Path(path).resolve()) for path in paths]
+    missing = {entry: Path(entry.split("\0", 1)[0]) for entry in entries if entry not in known}
+    if missing:
+        known = _forget(known, set(missing.values()))
+        known.update({entry: file_sha256(path) for entry, path in missing.items()})
         _write_cache(cache_file, known)
-    return digests
+    return [known[entry] for entry in entries]
 
 
 def remember_sha256s(digests: Mapping[Path, str], cache_dir: Path) -> None:
     """Record files' sha256 just computed (a store's commit), so verifying them later reads no byte."""
     cache_file = Path(cache_dir) / _SHA256_CACHE
-    known = _read_cache(cache_file)
-    for path, digest in digests.items():
-        path = Path(path).resolve()
-        known = {k: v for k, v in known.items() if not k.startswith(f"{path}\0")}
-        known[_entry(path)] = digest
+    resolved = {Path(path).resolve(): digest for path, digest in digests.items()}
+    known = _forget(_read_cache(cache_file), set(resolved))
+    known.update({_entry(path): digest for path, digest in resolved.items()})
     _write_cache(cache_file, known)
+
+
+def _forget(known: dict[str, str], paths: set[Path]) -> dict[str, str]:
+    """The cache without any version of these files (a file's old versions are never looked up again)."""
+    names = {str(path) for path in paths}
+    return {k: v for k, v in known.items() if k.split("\0", 1)[0] not in names}
 
 
 def model_fingerprint(config: Gemma3Config, flat: Mapping[str, Any]) -> str:

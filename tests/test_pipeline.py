@@ -154,7 +154,7 @@ def test_every_shipped_stage_validates_and_estimates_through_its_view():
 
     for path in sorted({p.name: p for d in search_dirs("profiles") for p in d.glob("*.yaml")}.values()):
         for pipeline in (None, "from-scratch-cot") if path.stem == "tiny" else (None,):
-            plan = make_plan(str(path), pipeline, store="memory://views")
+            plan = make_plan(str(path), pipeline, store="memory://views", inspect=True)
             for name in plan.stages:
                 plan.memory(name)
 

@@ -24,9 +24,7 @@ def test_a_stage_without_a_trained_student_is_refused(tmp_path, stage):
         stage(without)
     empty = tmp_path / "train_student"
     empty.mkdir()
-    unfinished = StageContext(
-        stage="s", profile=profile, inputs={"train_student": empty}, workdir=tmp_path
-    )
+    unfinished = StageContext(stage="s", profile=profile, inputs={"train_student": empty}, workdir=tmp_path)
     with pytest.raises(GemstillError, match=r"no trained student.*run the train_student stage first"):
         stage(unfinished)
 

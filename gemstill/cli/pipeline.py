@@ -137,7 +137,7 @@ def status(
     from gemstill.pipeline.plan import make_plan
     from gemstill.pipeline.status import stage_rows
 
-    plan = make_plan(profile, pipeline, store, overrides(set_))
+    plan = make_plan(profile, pipeline, store, overrides(set_), inspect=True)
     rows = stage_rows(plan)
     if as_json:
         print(json.dumps({"profile": plan.profile.name, "pipeline": plan.pipeline.name, "stages": rows}))
@@ -171,7 +171,7 @@ def report(
     from gemstill.pipeline.plan import make_plan
     from gemstill.pipeline.report import load_report
 
-    plan = make_plan(profile, pipeline, store, overrides(set_))
+    plan = make_plan(profile, pipeline, store, overrides(set_), inspect=True)
     found = load_report(plan, profile)
     if as_json:
         print(json.dumps(found.rows))
@@ -194,7 +194,7 @@ def cache_stats_command(
     from gemstill.pipeline.plan import make_plan
     from gemstill.pipeline.status import teacher_cache_stats
 
-    plan = make_plan(profile, pipeline, store, overrides(set_))
+    plan = make_plan(profile, pipeline, store, overrides(set_), inspect=True)
     stats = teacher_cache_stats(plan, profile)
     rows = stats.rows
     if as_json:

@@ -25,7 +25,7 @@ from gemstill.pipeline.context import ProfileView, StageContext, view
 from gemstill.pipeline.lease import acquire
 from gemstill.pipeline.profile import Profile, load_profile, resolve_profile_path
 from gemstill.pipeline.spec import PipelineSpec, StageSpec, load_pipeline
-from gemstill.pipeline.stages import StageTask, hashed_profile, resolve_task
+from gemstill.pipeline.stages import MISSING_FILES, StageTask, hashed_profile, resolve_task
 from gemstill.pipeline.store import ArtifactStore, CorruptResult
 from gemstill.pipeline.trust import check_configured_file, check_paths
 from gemstill.pipeline.watchdog import Watchdog
@@ -91,9 +91,12 @@ def make_plan(
     store: str | None = None,
     overrides: dict[str, Any] | None = None,
     restricted: bool = False,
+    inspect: bool = False,
 ) -> Plan:
     """The plan of a profile's pipeline; `restricted` (a deployment run) limits it to the files and task modules
-    the machine is configured with (gemstill.pipeline.trust)."""
+    the machine is configured with (gemstill.pipeline.trust). A plan to run refuses data files that are not on
+    this machine; one to `inspect` (status, memory estimates of a profile meant for another machine) forms all
+    the same."""
     if restricted:  # where the files live is checked before anything in them is read
         check_configured_file("profiles", resolve_profile_path(profile_name))
         if pipeline:
@@ -106,6 +109,9 @@ def make_plan(
         check_paths(as_written, profile.model_copy(update={"store": store}) if store else profile)
     spec = load_pipeline(pipeline_path)
     dumped = hashed_profile(profile)
+    for name in ("_data_identity", "_out_of_domain_identity"):
+        if not inspect and isinstance(dumped[name], dict) and MISSING_FILES in dumped[name]:
+            raise GemstillError(dumped[name][MISSING_FILES])
     planned: dict[str, PlannedStage] = {}
     validated: set[Any] = set()
     for name in spec.order():

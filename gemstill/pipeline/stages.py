@@ -146,6 +146,9 @@ def _out_of_domain_identity(profile: Profile) -> Any:
     return corpus_identity(corpus) if corpus is not None else None
 
 
+MISSING_FILES = "data files not found"  # the identity of a corpus whose files are not on this machine
+
+
 def corpus_identity(data: DataConfig) -> Any:
     """What a corpus is besides its settings: the data files' contents in the order they are read (with their
     extension, which picks the reader), never their paths; the Python version for the stdlib docstring corpus."""
@@ -157,8 +160,11 @@ def corpus_identity(data: DataConfig) -> Any:
 
     if data.source == "python-docs":
         return platform.python_version()
-    if data.source == "files" and data.files is not None:  # a pattern matching no file is refused, naming it
-        files = [Path(f) for f in resolve_paths(data.files.paths)]
+    if data.source == "files" and data.files is not None:
+        try:
+            files = [Path(f) for f in resolve_paths(data.files.paths)]
+        except GemstillError as missing:  # not on this machine: a plan to inspect still forms, one to run does not
+            return {MISSING_FILES: str(missing)}
         return [[f.suffix.lower(), cached_file_sha256(f, cache_root())] for f in files]
     return None
 

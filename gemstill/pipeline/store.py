@@ -220,11 +220,6 @@ class ArtifactStore:
             files.append(
                 {"path": str(path.relative_to(workdir)), "bytes": path.stat().st_size, "sha256": digests[path]}
             )
-        if self.is_local:  # what the store's checks later compare against: remembered, not read again
-            from gemstill.fingerprint import remember_sha256s
-            from gemstill.loading import cache_root
-
-            remember_sha256s(digests, cache_root())
         manifest = {**record, "files": files}
         payload = json.dumps(manifest, indent=2, sort_keys=True).encode()
         if self.is_local:
@@ -239,6 +234,12 @@ class ArtifactStore:
             self._write_remote_manifest(stage, name, payload)
         if refresh:
             self._finish_swap(stage, key)
+        if self.is_local:  # what the store's checks later compare against, where it now lies: not read again
+            from gemstill.fingerprint import remember_sha256s
+            from gemstill.loading import cache_root
+
+            final = self.local_dir(stage, key)
+            remember_sha256s({final / p.relative_to(workdir): d for p, d in digests.items()}, cache_root())
         return manifest
 
     def _write_remote_manifest(self, stage: str, name: str, payload: bytes) -> None:
