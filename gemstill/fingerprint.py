@@ -48,10 +48,13 @@ def _read_cache(cache_file: Path) -> dict[str, str]:
 
 
 def _write_cache(cache_file: Path, known: dict[str, str]) -> None:
+    """Write the cache, dropping the files that are gone (temporary stores come and go)."""
+    import os
     import sys
 
     from gemstill.fsutil import atomic_write_bytes
 
+    known = {k: v for k, v in known.items() if os.path.exists(k.split("\0", 1)[0])}
     try:
         atomic_write_bytes(cache_file, json.dumps(known, sort_keys=True).encode())
     except OSError as err:  # a read-only cache directory: hashing still works, only slower next time

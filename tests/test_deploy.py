@@ -291,6 +291,7 @@ def test_follower_runs_the_flow_runs_stage(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(plan_module, "run_stage", lambda plan, name, fresh, log: calls.append((plan, name, fresh)))
+    monkeypatch.setenv("GEMSTILL_STORES", str(tmp_path))  # the worker's store root: the request's store lies under it
     env = {"PREFECT__FLOW_RUN_ID": "4c1e0a7e-0000-4000-8000-000000000000", "JOB_COMPLETION_INDEX": "1"}
     store = str(tmp_path / "store")
     key = plan_module.make_plan("tiny", store=store).stages["prepare_data"].key

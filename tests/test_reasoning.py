@@ -318,3 +318,41 @@ def test_reasoning_models_selects_by_name_and_refuses_unknown_names(tmp_path):
     assert [name for name, _ in reasoning_models(context(None))] == ["teacher", "student"]
     with pytest.raises(GemstillError, match=r"reasoning.models names \['nobody'\], not among"):
         reasoning_models(context(["nobody", "teacher"]))
+
+
+def test_the_shipped_everyday_problems_are_the_generators_and_check_out():
+    """problems/everyday.jsonl is everyday_problems(12, 0, kind) for each kind, every solution verifies, and a
+    few-shot prompt shows worked examples of the problem's own kind, never an evaluated problem."""
+    from gemstill.data.generated import EVERYDAY_KINDS, everyday_problems, verify
+    from gemstill.reasoning.problems import load_problems
+    from gemstill.reasoning.suite import shots_for
+
+    shipped = [json.loads(line) for line in (REPO / "problems" / "everyday.jsonl").read_text().splitlines()]
+    assert shipped == [p for kind in EVERYDAY_KINDS for p in everyday_problems(12, 0, kind)]
+    assert all(verify(p, p["solution"]) and not verify(p, "Answer: -1") for p in shipped)
+    problems = load_problems(REPO / "problems" / "everyday.jsonl")
+    assert [p.kind for p in problems] == [k for k in EVERYDAY_KINDS for _ in range(12)]
+    for kind in EVERYDAY_KINDS:
+        ids = {p.id for p in problems if p.kind == kind}
+        shots = shots_for(kind, 3, ids)
+        assert len(shots) == 3 and {s.kind for s in shots} == {kind} and not ids & {s.id for s in shots}
+
+
+def test_accuracy_intervals_and_the_fraction_of_the_teacher():
+    from gemstill.reasoning.suite import add_teacher_fraction
+
+    rows = [
+        {"model": "teacher", "method": "cot", "kind": "sum", "accuracy": 0.75},
+        {"model": "student", "method": "cot", "kind": "sum", "accuracy": 0.5},
+    ]
+    correct = {
+        ("teacher", "cot", "sum"): [True, True, True, False] * 5,
+        ("student", "cot", "sum"): [True, False, True, False] * 5,
+    }
+    add_teacher_fraction(rows, correct)
+    teacher, student = rows
+    assert teacher["fraction_of_teacher"] == 1.0 and "fraction_of_teacher_low" not in teacher
+    assert student["fraction_of_teacher"] == pytest.approx(2 / 3)
+    for row in rows:
+        assert 0 <= row["accuracy_low"] < row["accuracy"] < row["accuracy_high"] <= 1
+    assert student["fraction_of_teacher_low"] < 2 / 3 < student["fraction_of_teacher_high"]

@@ -20,7 +20,7 @@ from gemstill.data.config import MAX_GAME24, GeneratedCorpusConfig
 
 class Problem(TypedDict):
     id: str  # stable, derived from the content
-    kind: Literal["arithmetic", "basic", "game24"]
+    kind: Literal["arithmetic", "basic", "game24", "sum", "difference", "product", "units"]
     question: str
     solution: str  # step-by-step, ending in a line "Answer: ..."
     answer: str  # the final answer: an integer, or a Game-of-24 expression
@@ -294,6 +294,54 @@ def basic_problems(count: int, seed: int) -> list[Problem]:
     return _unique(_basic, "basic", count, seed)
 
 
+# --- everyday problems: one step, small numbers, for a small pretrained teacher ------------------------------------
+
+EVERYDAY_KINDS = ("sum", "difference", "product", "units")
+_UNITS = [("weeks", "days", 7), ("dozens of eggs", "eggs", 12), ("years", "months", 12), ("hands", "fingers", 5)]
+
+
+def _everyday(kind: str) -> Callable[[random.Random], Problem]:
+    """One-step word problems a 270M base model solves from a few worked examples of the same kind (measured:
+    most sums and products, about half of the differences and unit conversions; two-step problems almost never)."""
+
+    def make(rng: random.Random) -> Problem:
+        (name, pronoun), thing = rng.choice(_NAMES), rng.choice(_THINGS + _ITEMS)
+        steps = _Steps()
+        ask = f"How many {thing} does {pronoun} have now?"
+        if kind == "sum":
+            a, b = rng.randint(2, 9), rng.randint(1, 9)
+            question = f"{name} has {a} {thing}. {pronoun.capitalize()} gets {b} more. {ask}"
+            steps(f"{thing.capitalize()} now", a, "+", b)
+        elif kind == "difference":
+            b = rng.randint(1, 9)
+            a = b + rng.randint(1, 9)
+            question = f"{name} has {a} {thing}. {pronoun.capitalize()} gives away {b}. {ask}"
+            steps(f"{thing.capitalize()} left", a, "-", b)
+        elif kind == "product":
+            a, b = rng.randint(2, 5), rng.randint(2, 9)
+            question = f"{name} buys {a} boxes with {b} {thing} in each box. How many {thing} does {pronoun} buy?"
+            steps(f"{thing.capitalize()} bought", a, "*", b)
+        else:
+            (big, small, per), a = rng.choice(_UNITS), rng.randint(2, 6)
+            question = f"How many {small} are in {a} {big}?"
+            steps(f"{small.capitalize()}", a, "*", per)
+        answer = str(steps.value)
+        return Problem(
+            id=f"{kind}-" + hashlib.sha256(question.encode()).hexdigest()[:12],
+            kind=kind,
+            question=question,
+            solution="\n".join([*steps.lines, f"Answer: {answer}"]),
+            answer=answer,
+        )
+
+    return make
+
+
+def everyday_problems(count: int, seed: int, kind: str) -> list[Problem]:
+    """`count` distinct one-step problems of an everyday kind (sum, difference, product, units)."""
+    return _unique(_everyday(kind), kind, count, seed)
+
+
 # --- Game of 24 -----------------------------------------------------------------------------------------------
 
 _Item = tuple[Fraction, str]  # a value and the expression that makes it
@@ -455,4 +503,5 @@ _VERIFIERS: dict[str, Callable[[Problem, str], bool]] = {
     "arithmetic": _verify_arithmetic,
     "basic": _verify_arithmetic,
     "game24": _verify_game24,
+    **dict.fromkeys(EVERYDAY_KINDS, _verify_arithmetic),
 }

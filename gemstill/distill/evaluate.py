@@ -30,6 +30,7 @@ from gemstill.params import count_params, from_flat
 from gemstill.quant.packed import PackedWeight
 
 EVAL_CHUNK = 256  # tokens per [chunk x vocab] tile: 256 x 262,144 float32 = 256 MiB per model
+DOCUMENTS_PER_ROW = 1 << 16  # a document's id: its row times this, plus its segment id in that row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +54,17 @@ def _logits(graphdef, state, hidden: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _teacher_tile(teacher_logits: jax.Array, labels: jax.Array, weights: jax.Array):
-    """Once per tile: the teacher's probabilities, its sum of p log p per token, and its own weighted NLL."""
+def _teacher_tile(teacher_logits: jax.Array, labels: jax.Array):
+    """Once per tile: the teacher's probabilities, its sum of p log p per token, and its own NLL per token."""
     log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
     p_t = jnp.exp(log_t)
     nll = -jnp.take_along_axis(log_t, labels[:, None], axis=-1)[:, 0]
-    return p_t, jnp.sum(p_t * log_t, axis=-1), (nll * weights).sum()
+    return p_t, jnp.sum(p_t * log_t, axis=-1), nll
 
 
 @jax.jit
-def _tile_sums(p_t: jax.Array, neg_entropy: jax.Array, logits: jax.Array, labels: jax.Array, weights: jax.Array):
-    """Weighted sums over one tile: NLL of the labels under the model, and KL(teacher || model).
+def _tile_losses(p_t: jax.Array, neg_entropy: jax.Array, logits: jax.Array, labels: jax.Array):
+    """Per token of one tile: NLL of the label under the model, and KL(teacher || model).
 
     KL = sum p log p - sum p (z - lse(z)) = neg_entropy - (p . z - lse(z) * sum p): two passes over the model's
     [tile x vocab] logits (its logsumexp, and the dot with p), not a log-softmax and a product of arrays.
@@ -71,7 +72,44 @@ def _tile_sums(p_t: jax.Array, neg_entropy: jax.Array, logits: jax.Array, labels
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = lse - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     kl = neg_entropy - (jnp.sum(p_t * logits, axis=-1) - lse * jnp.sum(p_t, axis=-1))
-    return (nll * weights).sum(), (kl * weights).sum()
+    return nll, kl
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentScores:
+    """Held-out losses summed per document (a packed sequence's segment: the unit an interval resamples).
+
+    tokens [documents]: target tokens per document; nll, kl [models, documents]: summed per document (the
+    teacher first; its KL is 0). Means per token are ratios of sums over documents."""
+
+    models: tuple[Candidate, ...]
+    tokens: np.ndarray
+    nll: np.ndarray
+    kl: np.ndarray
+
+    def index(self, name: str) -> int:
+        return [c.name for c in self.models].index(name)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters, ..."""
+        tokens = float(self.tokens.sum())
+        results = []
+        for i, candidate in enumerate(self.models):
+            mean_nll = self.nll[i].sum() / max(tokens, 1.0)
+            results.append(
+                {
+                    "model": candidate.name,
+                    "val_nll": float(mean_nll),
+                    "val_ppl": float(np.exp(mean_nll)),
+                    "kl_to_teacher": float(self.kl[i].sum() / max(tokens, 1.0)),
+                    "tokens": int(tokens),
+                    "documents": len(self.tokens),
+                    "parameters": count_params(candidate.config)["total"],
+                    "weight_bytes": candidate.weight_bytes or sum(_nbytes(v) for v in candidate.params.values()),
+                    "layers": candidate.config.num_layers,
+                }
+            )
+        return results
 
 
 def evaluate_models(
@@ -83,11 +121,24 @@ def evaluate_models(
     max_sequences: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters.
+    """One row per model (teacher first): model, val_nll, val_ppl, kl_to_teacher, tokens, parameters."""
+    return score_documents(teacher, others, data_dir, split, batch_size, max_sequences, progress).rows()
+
+
+def score_documents(
+    teacher: Candidate,
+    others: list[Candidate],
+    data_dir: Path,
+    split: str = "validation",
+    batch_size: int = 4,
+    max_sequences: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> DocumentScores:
+    """Every model's NLL and KL to the teacher per held-out document.
 
     Data-parallel: the batches are dealt out to the processes of a multi-process run in turn, and each process
     computes its batches on its local devices in turn, each device whole batches of the shape a one-device run
-    uses. The per-tile sums are then gathered and added in batch order, so the rows equal a one-device run's.
+    uses. The per-token losses are then gathered and added in batch order, so the scores equal a one-device run's.
     """
     data = read_split(data_dir, split)
     rows = len(data["tokens"]) if max_sequences is None else min(max_sequences, len(data["tokens"]))
@@ -99,36 +150,28 @@ def evaluate_models(
 
     def compute(i: int, device: jax.Device):
         states = [(g, s, width) for (g, _, width), s in zip(graphs, replicas[device], strict=True)]
-        return _batch_sums(states, device, data, starts[i], min(starts[i] + batch_size, rows))
+        return _batch_losses(states, device, data, starts[i], min(starts[i] + batch_size, rows))
 
     def done(batches: int) -> None:
         progress(f"evaluate: {batches}/{len(starts)} batches of {rows} sequences")
 
-    sums = distributed.map_batches("evaluate sums", len(starts), compute, done)
-    totals = np.zeros((len(models), 2))
-    tokens = 0.0
-    for count, tiles in sums:  # the order a one-device run adds them in
-        for tile in tiles:
-            totals[0, 0] += tile[0]  # and KL(teacher || teacher) = 0 exactly
-            for i in range(1, len(models)):
-                totals[i] += (tile[2 * i - 1], tile[2 * i])
-        tokens += count
-    results = []
-    for (candidate, _), (nll, kl) in zip(models, totals, strict=True):
-        mean_nll = nll / max(tokens, 1.0)
-        results.append(
-            {
-                "model": candidate.name,
-                "val_nll": float(mean_nll),
-                "val_ppl": float(np.exp(mean_nll)),
-                "kl_to_teacher": float(kl / max(tokens, 1.0)),
-                "tokens": int(tokens),
-                "parameters": count_params(candidate.config)["total"],
-                "weight_bytes": candidate.weight_bytes or sum(_nbytes(v) for v in candidate.params.values()),
-                "layers": candidate.config.num_layers,
-            }
-        )
-    return results
+    per_batch = distributed.map_batches("evaluate losses", len(starts), compute, done)
+    documents: list[int] = []
+    columns: list[np.ndarray] = []
+    for docs, losses in per_batch:  # the order a one-device run adds them in
+        documents.extend(np.asarray(docs).tolist())
+        columns.append(np.asarray(losses, np.float64).reshape(2 * len(models), -1))
+    losses = np.concatenate(columns, axis=1) if columns else np.zeros((2 * len(models), 0))
+    ids, position = np.unique(np.asarray(documents, np.int64), return_inverse=True)
+    sums = np.zeros((2 * len(models), len(ids)))
+    for row in range(2 * len(models)):
+        sums[row] = np.bincount(position, weights=losses[row], minlength=len(ids))
+    return DocumentScores(
+        models=tuple(c for c, _ in models),
+        tokens=np.bincount(position, minlength=len(ids)).astype(np.float64),
+        nll=sums[0::2],
+        kl=sums[1::2],
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -136,31 +179,37 @@ def _forward(graphdef, state, batch: dict[str, jax.Array]) -> jax.Array:
     return _final_hidden(nnx.merge(graphdef, state), batch)
 
 
-def _batch_sums(
+def _batch_losses(
     states: list, device: jax.Device, data: Mapping[str, np.ndarray], lo: int, hi: int
-) -> tuple[int, list[list[jax.Array]]]:
-    """Dispatch the sums of rows lo..hi on `device` (not waited for): the loss tokens, and per tile of EVAL_CHUNK
-    tokens [teacher NLL, then NLL and KL(teacher || model) of each other model]. `states` holds (graphdef, state,
-    embed_dim) per model, the teacher first."""
+) -> tuple[np.ndarray, list[jax.Array]]:
+    """Dispatch the losses of rows lo..hi on `device` (not waited for): the document of every target token, and per
+    model [NLL, KL(teacher || model)] per target token (the teacher first; its KL is 0). `states` holds
+    (graphdef, state, embed_dim) per model, the teacher first."""
     sel = np.arange(lo, hi)
     batch = {k: jax.device_put(data[k][sel], device) for k in ("tokens", "positions", "segment_ids")}
     labels, weights = next_token_targets(data["tokens"][sel], data["loss_mask"][sel])
     labels = labels.reshape(-1)
     keep = np.flatnonzero(weights.reshape(-1))
+    rows = (lo + np.arange(len(sel)))[:, None] * DOCUMENTS_PER_ROW + np.asarray(data["segment_ids"][sel], np.int64)
+    documents = rows.reshape(-1)[keep]
     hiddens = [_forward(g, s, batch).reshape(-1, width)[keep] for g, s, width in states] if len(keep) else []
-    tiles = []
+    per_model: list[list[jax.Array]] = [[] for _ in range(2 * len(states))]
     for start in range(0, len(keep), EVAL_CHUNK):
-        # every tile is padded to EVAL_CHUNK rows (weight 0): one shape, so nothing recompiles per batch
+        # every tile is padded to EVAL_CHUNK rows: one shape, so nothing recompiles per batch
         count = min(EVAL_CHUNK, len(keep) - start)
         y = jax.device_put(np.pad(labels[keep][start : start + count], (0, EVAL_CHUNK - count)), device)
-        w = jax.device_put((np.arange(EVAL_CHUNK) < count).astype(np.float32), device)
         padded = [jnp.pad(h[start : start + count], ((0, EVAL_CHUNK - count), (0, 0))) for h in hiddens]
-        p_t, neg_entropy, teacher_nll = _teacher_tile(_logits(*states[0][:2], padded[0]), y, w)
-        tile = [teacher_nll]
-        for (g, s, _), h in zip(states[1:], padded[1:], strict=True):
-            tile.extend(_tile_sums(p_t, neg_entropy, _logits(g, s, h), y, w))
-        tiles.append(tile)
-    return len(keep), tiles
+        p_t, neg_entropy, teacher_nll = _teacher_tile(_logits(*states[0][:2], padded[0]), y)
+        per_model[0].append(teacher_nll[:count])
+        per_model[1].append(jnp.zeros(count))
+        for i, ((g, s, _), h) in enumerate(zip(states[1:], padded[1:], strict=True), start=1):
+            nll, kl = _tile_losses(p_t, neg_entropy, _logits(g, s, h), y)
+            per_model[2 * i].append(nll[:count])
+            per_model[2 * i + 1].append(kl[:count])
+    losses = (
+        jnp.stack([jnp.concatenate(parts) for parts in per_model]) if len(keep) else jnp.zeros((2 * len(states), 0))
+    )
+    return documents, losses
 
 
 def _nbytes(value: Any) -> int:

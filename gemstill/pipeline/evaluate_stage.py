@@ -16,18 +16,20 @@ from gemstill.pipeline.profile import EvaluateConfig
 from gemstill.pipeline.teacher import load_teacher
 
 if TYPE_CHECKING:
+    from gemstill.distill.claims import Claim
     from gemstill.distill.evaluate import Candidate
 
 
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     from gemstill.checkpoints.native import load_native
+    from gemstill.distill.claims import report_claims
     from gemstill.distill.evaluate import (
         Candidate,
-        evaluate_models,
         read_history,
         report_markdown,
         save_evaluation_plot,
         save_training_curves,
+        score_documents,
     )
     from gemstill.fsutil import atomic_write_bytes
     from gemstill.params import to_flat
@@ -51,7 +53,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         stored = deployed_bytes(config, fmt, ctx.profile.quantize.embedding)
         candidates.append(Candidate(name, config, params, stored))
     teacher_candidate = Candidate("teacher", teacher.config, to_flat(teacher.model))
-    rows = evaluate_models(
+    scores = score_documents(
         teacher_candidate,
         candidates,
         ctx.input("prepare_data"),
@@ -60,13 +62,22 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         max_sequences=settings.max_sequences,
         progress=ctx.log,
     )
+    rows = scores.rows()
     by_name = {row["model"]: row for row in rows}
-    notes = [f"Split: {settings.split}, {rows[0]['tokens']} target tokens. KL is exact (full vocabulary)."]
+    notes = [
+        f"Split: {settings.split}, {rows[0]['tokens']} target tokens in {rows[0]['documents']} documents. KL is exact "
+        "(full vocabulary). Intervals: 95%, percentile bootstrap over documents (both sides of a claim on the same "
+        "resampled documents)."
+    ]
     notes += versus_baseline(by_name, "val_nll", "kl_to_teacher", "")
+    claims = report_claims(scores)
     if settings.out_of_domain is not None:
         unquantized = [c for c in candidates if c.name in ("student", "baseline")]
-        notes += _score_out_of_domain(ctx, settings, teacher_candidate, unquantized, by_name)
+        ood_notes, ood_claims = _score_out_of_domain(ctx, settings, teacher_candidate, unquantized, by_name)
+        notes += ood_notes
+        claims += ood_claims
     notes += qat_recovery(rows)
+    notes += [claim.sentence for claim in claims]
     started = ctx.input("train_student") / "init_nll.json" if "train_student" in ctx.inputs else None
     init = json.loads(started.read_text()) if started is not None and started.is_file() else None
     if init is not None:
@@ -75,7 +86,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             "the layer_map stage's validation sample."
         )
     out: Path = ctx.workdir
-    report = {"rows": rows} | ({"student_init": init} if init is not None else {})
+    report = {"rows": rows, "claims": [claim.to_json() for claim in claims]}
+    report |= {"student_init": init} if init is not None else {}
     if distributed.is_leader():  # every process of a multi-process run holds the same rows; one writes them
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         save_evaluation_plot(out / "evaluation.png", rows)
@@ -107,11 +119,12 @@ def _score_out_of_domain(
     teacher: Candidate,
     candidates: list[Candidate],
     by_name: dict[str, dict[str, Any]],
-) -> list[str]:
+) -> tuple[list[str], list[Claim]]:
     """Score the teacher and `candidates` on evaluate.out_of_domain, prepared with the data's tokenizer; the
-    results go on their rows as ood_nll / ood_kl_to_teacher."""
+    results go on their rows as ood_nll / ood_kl_to_teacher; (notes, claims with their intervals)."""
     from gemstill.data.prepare import prepare_scoring_corpus
-    from gemstill.distill.evaluate import evaluate_models
+    from gemstill.distill.claims import report_claims
+    from gemstill.distill.evaluate import score_documents
     from gemstill.tokenizer import Tokenizer
 
     corpus = settings.out_of_domain
@@ -121,7 +134,7 @@ def _score_out_of_domain(
     tokenizer = Tokenizer.from_file(ctx.input("prepare_data") / "tokenizer.model")
     stats = prepare_scoring_corpus(corpus, tokenizer, out)
     ctx.log(f"evaluate: out-of-domain corpus ({corpus.source}): {stats}")
-    rows = evaluate_models(
+    scores = score_documents(
         teacher,
         candidates,
         out,
@@ -129,10 +142,12 @@ def _score_out_of_domain(
         max_sequences=settings.max_sequences,
         progress=ctx.log,
     )
+    rows = scores.rows()
     for row in rows:
         by_name[row["model"]].update(ood_nll=row["val_nll"], ood_kl_to_teacher=row["kl_to_teacher"])
     where = f" out of domain ({corpus.source}, {rows[0]['tokens']} target tokens it never trained on)"
-    return versus_baseline(by_name, "ood_nll", "ood_kl_to_teacher", where)
+    notes = versus_baseline(by_name, "ood_nll", "ood_kl_to_teacher", where)
+    return notes, report_claims(scores, " out of domain")
 
 
 def _recovered(share: float | None, qat: float, student: float, what: str) -> str:

@@ -46,12 +46,14 @@ def evaluate_reasoning_stage(ctx: StageContext) -> dict[str, Any]:
     counts = {kind: sum(p.kind == kind for p in problems) for kind in dict.fromkeys(p.kind for p in problems)}
     ctx.log(f"evaluate_reasoning: {len(problems)} problems {counts}, methods {settings.methods}")
     rows: list[dict[str, Any]] = []
+    correct: dict[tuple[str, str, str], list[bool]] = {}
     for name, spec in reasoning_models(ctx):
         model = load_text_model(name, spec, tokenizer, settings.batch_size)
         for row, result in score_model(model, problems, settings, log=ctx.log):
             save_records(ctx.workdir / "records", name, result, row["kind"])
             rows.append(row)
-    add_teacher_fraction(rows)
+            correct[(name, row["method"], row["kind"])] = [record.correct for record in result.records]
+    add_teacher_fraction(rows, correct)
     notes = [
         f"Prompt: {settings.prompt}; self-consistency: {settings.sc.samples} samples at T={settings.sc.temperature}; "
         f"tree of thought: breadths {settings.tot.breadths}, depth {settings.tot.depth}, "

@@ -15,12 +15,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from gemstill.data.generated import Problem, final_answer, reaches_24, verify
+from gemstill.data.generated import EVERYDAY_KINDS, Problem, final_answer, reaches_24, verify
 from gemstill.errors import GemstillError
 from gemstill.reasoning.config import ReasoningConfig
 
 Kind = Literal["arithmetic", "basic", "game24", "gsm8k"]
-GENERATED_KINDS = ("arithmetic", "basic", "game24")
+GENERATED_KINDS = ("arithmetic", "basic", "game24", *EVERYDAY_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,13 +21,22 @@ def report_markdown(title: str, rows: list[dict[str, Any]], notes: list[str]) ->
     ]
     for r in rows:
         fraction = r.get("fraction_of_teacher")
+        accuracy = f"{r['accuracy']:.1%}" + _interval(r, "accuracy", ".0%")
+        of_teacher = "-" if fraction is None else f"{fraction:.0%}" + _interval(r, "fraction_of_teacher", ".0%")
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['kind']} ({r['total']}) | {r['correct']} | {r['accuracy']:.1%} "
-            f"| {'-' if fraction is None else f'{fraction:.0%}'} | {r['tokens_per_problem']:.0f} "
-            f"| {r['seconds_per_problem']:.3f} |"
+            f"| {r['model']} | {r['method']} | {r['kind']} ({r['total']}) | {r['correct']} | {accuracy} "
+            f"| {of_teacher} | {r['tokens_per_problem']:.0f} | {r['seconds_per_problem']:.3f} |"
         )
+    if any("accuracy_low" in r for r in rows):
+        notes = [*notes, "Brackets: 95% intervals, percentile bootstrap over problems (a model and the teacher on the "
+                 "same resampled problems for the fraction)."]  # fmt: skip
     lines += ["", *notes, "", "![reasoning](reasoning.png)", ""]
     return "\n".join(lines)
+
+
+def _interval(row: dict[str, Any], name: str, form: str) -> str:
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    return "" if low is None or high is None else f" [{low:{form}}, {high:{form}}]"
 
 
 def save_records(directory: Path, model: str, result: MethodResult, kind: str) -> Path:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gemstill.errors import GemstillError
 from gemstill.reasoning.config import ReasoningConfig, SelfConsistencyConfig, ToTConfig
@@ -22,12 +25,19 @@ from gemstill.reasoning.tot import tree_of_thought
 def shots_for(kind: str, count: int, exclude: set[str]) -> list[ReasoningProblem]:
     """Worked examples of a kind for few-shot prompts: generated training problems, never an evaluated one."""
     from gemstill.data.config import GeneratedCorpusConfig
-    from gemstill.data.generated import arithmetic_problems, basic_problems, game24_problems
+    from gemstill.data.generated import (
+        EVERYDAY_KINDS,
+        arithmetic_problems,
+        basic_problems,
+        everyday_problems,
+        game24_problems,
+    )
     from gemstill.reasoning.problems import from_generated
 
     if count == 0:
         return []
     source = {"arithmetic": arithmetic_problems, "gsm8k": arithmetic_problems, "basic": basic_problems}
+    source |= {name: functools.partial(everyday_problems, kind=name) for name in EVERYDAY_KINDS}
     make = source.get(kind, game24_problems)
     seed = GeneratedCorpusConfig().seed + 1000  # a stream the corpora never draw from
     return [from_generated(p) for p in make(count + len(exclude), seed) if p["id"] not in exclude][:count]
@@ -96,12 +106,33 @@ def score_model(
     return out
 
 
-def add_teacher_fraction(rows: list[dict[str, Any]], teacher: str = "teacher") -> None:
-    """Each row's accuracy as a fraction of the teacher's on the same method and kind (None when it is 0)."""
+def add_teacher_fraction(
+    rows: list[dict[str, Any]],
+    correct: Mapping[tuple[str, str, str], Sequence[bool]] | None = None,
+    teacher: str = "teacher",
+) -> None:
+    """Each row's accuracy as a fraction of the teacher's on the same method and kind (None when it is 0); with
+    `correct` ((model, method, kind) -> per-problem outcomes, the problems in one order for every model), their 95%
+    intervals too: accuracy_low/high over problems resampled, and fraction_of_teacher_low/high over the same
+    problems resampled for both (gemstill.intervals)."""
+    from gemstill.intervals import bootstrap, draws_for, ratio
+
     reference = {(r["method"], r["kind"]): r["accuracy"] for r in rows if r["model"] == teacher}
     for row in rows:
         base = reference.get((row["method"], row["kind"]))
         row["fraction_of_teacher"] = row["accuracy"] / base if base else None
+        outcomes = None if correct is None else correct.get((row["model"], row["method"], row["kind"]))
+        if outcomes is None or len(outcomes) < 2:
+            continue
+        mine = np.asarray(outcomes, np.float64)
+        draws = draws_for(len(mine))
+        accuracy = bootstrap(ratio(mine, np.ones_like(mine)), len(mine), draws)
+        row["accuracy_low"], row["accuracy_high"] = accuracy.low, accuracy.high
+        theirs = np.asarray(correct.get((teacher, row["method"], row["kind"]), []), np.float64)
+        if base and len(theirs) == len(mine) and row["model"] != teacher:
+            with np.errstate(divide="ignore", invalid="ignore"):  # a resample the teacher solves none of: dropped
+                share = bootstrap(ratio(mine, theirs), len(mine), draws)
+            row["fraction_of_teacher_low"], row["fraction_of_teacher_high"] = share.low, share.high
 
 
 def load_text_model(name: str, spec: str, tokenizer=None, batch_size: int = 64) -> SamplerModel:
