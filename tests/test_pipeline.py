@@ -245,7 +245,9 @@ def test_shipped_profiles_validate_with_memory_estimates():
     """Every shipped profile validates; the TPU one (unreachable here) still gets per-stage memory estimates."""
     shipped = sorted(p.stem for p in (Path(__file__).parents[1] / "profiles").glob("*.yaml"))
     assert {"tiny", "gemma3-270m", "gemma3-4b-tpu-v5e"} <= set(shipped)
-    plan = make_plan("gemma3-4b-tpu-v5e")
+    with pytest.raises(GemstillError, match=r"data\.files\.paths: no file matches '/mnt/data/instructions/\*\.jsonl'"):
+        make_plan("gemma3-4b-tpu-v5e")  # its corpus lives on the TPU hosts: a plan to run refuses it here
+    plan = make_plan("gemma3-4b-tpu-v5e", inspect=True)
     assert plan.profile.hardware.platform == "tpu"
     memory = plan.memory("teacher_cache")  # through the stage's own view of the profile
     assert 7.5e9 < memory["params"] < 8e9  # 3.88B text-decoder parameters in bfloat16

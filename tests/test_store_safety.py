@@ -82,7 +82,7 @@ def test_a_failing_refresh_leaves_the_previous_artifact_intact(workspace, monkey
         assert names == [plan.stages["double"].key]  # no .refresh, .old or .lease left behind
 
 
-def test_a_swap_cut_short_is_finished_by_the_next_reader(workspace, monkeypatch):
+def test_a_swap_cut_short_is_finished_by_the_next_run_of_the_stage(workspace, monkeypatch):
     profile = _profile(workspace, str(workspace / "store"))
     _run_all(profile)
     monkeypatch.setattr(ArtifactStore, "_finish_swap", lambda self, stage, key: None)  # "killed" right after
@@ -90,13 +90,17 @@ def test_a_swap_cut_short_is_finished_by_the_next_reader(workspace, monkeypatch)
     plan = make_plan(profile)
     run_stage(plan, "double", fresh=True)
     key = plan.stages["double"].key
-    assert (workspace / "store" / "double" / f"{key}.refresh" / "manifest.json").is_file()
+    refresh = workspace / "store" / "double" / f"{key}.refresh"
+    assert (refresh / "manifest.json").is_file()
     monkeypatch.undo()
     monkeypatch.setenv("GEMSTILL_TEST_LOG", str(workspace / "ran.log"))
     monkeypatch.syspath_prepend(str(TESTS))
     fresh = ArtifactStore(str(workspace / "store"))
-    assert fresh.manifest("double", key) is not None  # the reader finished the swap
-    assert not (workspace / "store" / "double" / f"{key}.refresh").exists()
+    assert fresh.manifest("double", key) is not None and refresh.is_dir()  # a reader moves nothing
+    ran = (workspace / "ran.log").read_text()
+    run_stage(make_plan(profile), "double")  # the next run of the stage, under its lease, finishes the swap
+    assert not refresh.exists()
+    assert (workspace / "ran.log").read_text() == ran  # nothing recomputed: the refresh was committed already
     assert json.loads((fresh.fetch("double", key) / "doubled.json").read_text()) == [0, 2, 4, 6, 8]
 
 
