@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 from gemstill import interrupt
@@ -32,16 +35,42 @@ def prefect_api() -> Iterator[None]:
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
 
-    def stop() -> None:
-        _drain(seconds=2.0)  # the log records and events still queued reach the server before it stops
+    def stop(interrupted: bool = False) -> None:
+        # the log records and events still queued reach the server before it stops (briefly, when interrupted)
+        _drain(seconds=0.5 if interrupted else 2.0)
+        deadline = time.monotonic() + 2.0  # interrupted as start-up began: the server process is about to exist
+        while interrupted and server.server_process is None and starting.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process = server.server_process
+        if interrupted and process is not None:  # an interrupt leaves within seconds: terminate, then kill
+            process.terminate()
+            try:
+                process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                process.kill()
         server.stop()
 
-    forget = interrupt.on_exit(stop)  # an interrupt (during start-up too) stops it
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        server.start(timeout=STARTUP_SECONDS)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    forget = interrupt.on_exit(lambda: stop(interrupted=True))  # an interrupt (during start-up too) stops it
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        # this thread alone blocks SIGINT, and the server it starts inherits that: the main thread still takes a
+        # Ctrl-C at once, even while the server is starting
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            server.start(timeout=STARTUP_SECONDS)
+        except BaseException as error:
+            failure.append(error)
+
+    starting = threading.Thread(target=start, name="prefect api start-up", daemon=True)
+    starting.start()
+    while starting.is_alive():
+        starting.join(0.2)
+        interrupt.check()
+    if failure:
+        forget()
+        stop()
+        raise failure[0]
     try:
         yield
     finally:

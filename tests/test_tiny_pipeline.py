@@ -512,6 +512,9 @@ def test_two_processes_run_the_tiny_pipeline_like_one(full_run, tiny_teacher, tm
     )  # fmt: skip
     assert launched.returncode == 0, (launched.stdout + launched.stderr)[-4000:]
     assert "[1] process 1 of 2 (GEMSTILL_* environment): 4 local of 8 cpu devices" in launched.stdout
+    for process in (0, 1):  # the seeded stages are found committed, not run again (nor said to be)
+        assert f"[{process}] stage pretrain_teacher: cached" in launched.stdout
+        assert f"[{process}] 5 stages done, 3 of them computed now" in launched.stdout
 
     ours, theirs = stage_dir(store, "teacher_cache"), stage_dir(reference, "teacher_cache")
     assert ours.name == theirs.name  # the same key: the same settings, code and inputs

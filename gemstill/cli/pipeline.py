@@ -67,6 +67,16 @@ def _resume_line(plan, signum: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def _exit_when_interrupted() -> Iterator[None]:
+    """An interrupt raised within (the Prefect server's start-up checks for one) exits here, while the run's
+    one-line message still knows what is committed."""
+    try:
+        yield
+    except interrupt.Interrupted as stop:
+        interrupt.exit_now(stop.signum)
+
+
 def run(
     profile: Annotated[str, typer.Argument(help="profile name (profiles/NAME.yaml) or YAML path")],
     pipeline: PipelineOpt = None,
@@ -104,7 +114,7 @@ def run(
     # the flow runs in a thread of its own; the main thread only waits, so a signal is never lost in library code
     stopping = interrupt.interruptible(describe=lambda signum: _resume_line(plan, signum), raise_in_main=False)
     header = f"gemstill run {plan.profile.name}: {len(plan.stages)} stages, store {plan.store.root}; log {log_file}"
-    with stopping, _printed(header), prefect_api():
+    with stopping, _printed(header), _exit_when_interrupted(), prefect_api():
         worker = threading.Thread(target=work, name="gemstill run", daemon=True)
         worker.start()
         while worker.is_alive() and interrupt.received() is None:
