@@ -85,18 +85,31 @@ TEACHER_STAGES = ("prepare_data", "pretrain_teacher")
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    """A store holding the tiny profile's prepared data and pretrained teacher, made once per session: the
+    """A store holding the tiny profile's prepared data and pretrained teacher, made once per test run (the
+    workers of `pytest -n 2` share it: whichever needs it first makes it under a lock, the other waits): the
     pretraining is most of a tiny run, and every test of a whole tiny pipeline starts from a copy (same keys)."""
+    from gemstill.fsutil import held_lock
+
     repo = Path(__file__).resolve().parents[1]
-    root = tmp_path_factory.mktemp("tiny-teacher")
-    spec = yaml.safe_load((repo / "pipelines" / "from-scratch.yaml").read_text())
-    spec["stages"] = {name: spec["stages"][name] for name in TEACHER_STAGES}
-    (root / "teacher.yaml").write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "gemstill", "run", "tiny", "--store", str(root / "store")]
-    result = subprocess.run(
-        [*command, "--pipeline", str(root / "teacher.yaml")], cwd=repo, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-teacher"
+    with held_lock(root.with_name("tiny-teacher.lock")):
+        if not (root / "made").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            spec = yaml.safe_load((repo / "pipelines" / "from-scratch.yaml").read_text())
+            spec["stages"] = {name: spec["stages"][name] for name in TEACHER_STAGES}
+            (root / "teacher.yaml").write_text(yaml.safe_dump(spec))
+            command = [sys.executable, "-m", "gemstill", "run", "tiny", "--store", str(root / "store")]
+            result = subprocess.run(
+                [*command, "--pipeline", str(root / "teacher.yaml")],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            (root / "made").write_text("")
     return root / "store"
 
 
@@ -116,16 +129,25 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: each worker's embedded Prefect has its own DB
     os.environ["PREFECT_HOME"] = str(Path(tempfile.gettempdir()) / f"gemstill-tests-prefect-{os.getpid()}-{worker}")
 
-# `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (the README's test command) hands each worker whole files,
-# so a file's module fixtures are made once; the files that start from the pretrained tiny teacher (a session
-# fixture, ~7 minutes) form one group, first in line, so one worker makes that teacher once while the other
-# works through the rest.
-TINY_TEACHER_GROUP = "tiny-teacher"
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder` (the README's test command) hands each worker whole files,
+# so a file's module fixtures are made once. Files are handed out in collection order, two queued per worker; the
+# longest (measured on 2 cores) go first, so neither worker is left with a long file at the end: the tiny pipeline
+# (which makes the shared tiny teacher) on one worker and the nightly deployment on the other, each with a short
+# file queued behind it, then the long files for whichever worker is free first.
+LONGEST_FIRST = (
+    "test_tiny_pipeline.py",
+    "test_nightly.py",
+    "test_layers.py",
+    "test_intervals.py",
+    "test_prefect_deployment.py",
+    "test_interrupt.py",
+    "test_multihost.py",
+    "test_pipeline.py",
+    "test_hardening.py",
+    "test_store_resume.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    teacher_files = {item.path for item in items if {"tiny_teacher", "full_run"} & set(item.fixturenames)}
-    for item in items:
-        group = TINY_TEACHER_GROUP if item.path in teacher_files else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.path not in teacher_files)  # stable: each file keeps its order
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its tests' order
