@@ -122,7 +122,12 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
             "the retried run to be Completed",
             every=5,
         )
-        assert early and ended["run_count"] == 2, ended
+        # one SIGKILL is one Crashed, then a retry; Prefect 3.8.8's worker may report the same dead process Crashed
+        # a second time once the automation has already scheduled the retry (seen in the server's state history:
+        # Crashed "Process exited…", AwaitingRetry, Pending, Submitting, Crashed "Flow run infrastructure
+        # exited…"), which earns one more retry: the attempts share the store, whose leases let one compute a stage
+        # and the other find it committed
+        assert early and 2 <= ended["run_count"] <= 3, ended
         # what the UI shows of the completed run: every progress artifact at 100% (the retried stages went on with
         # the ones their killed attempt left), and the reports' plots embedded, never a link into the store
         artifacts = flow_run_artifacts(env, run, *(r["id"] for r in flow_runs(env, "gemstill-stage")))
@@ -137,18 +142,20 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
         train = [spans["train_student"], spans["train_baseline"]]
         assert min(end for _, end in train) > max(start for start, _ in train), spans  # side by side
         # evaluate ran on the other pool, as a stage flow run with its job variables, under its task run here
-        (remote,) = flow_runs(env, "gemstill-stage")
-        assert remote["state"] == "Completed" and remote["work_pool"] == "gemstill-eval", remote
-        assert remote["job_variables"] == JOB_VARIABLES, remote
-        assert remote["parameters"]["request"]["stage"] == "evaluate", remote
-        assert remote["parent_task_run"] is not None
-        assert _manifest(store, "evaluate")["key"] == remote["parameters"]["request"]["planned_key"]
+        remotes = flow_runs(env, "gemstill-stage")  # one per attempt that reached evaluate
+        assert 1 <= len(remotes) <= ended["run_count"] - 1, remotes
+        for remote in remotes:
+            assert remote["state"] == "Completed" and remote["work_pool"] == "gemstill-eval", remote
+            assert remote["job_variables"] == JOB_VARIABLES, remote
+            assert remote["parameters"]["request"]["stage"] == "evaluate", remote
+            assert remote["parent_task_run"] is not None
+            assert _manifest(store, "evaluate")["key"] == remote["parameters"]["request"]["planned_key"]
         # a second run: every stage is a task run, each one Cached (its cache key is the stage's content key)
         again = prefect(env, "deployment", "run", "distill/distill-tiny", *params, "--watch", timeout=600)
         assert "Completed" in again.stdout + again.stderr, again.stdout[-3000:]
         states = task_run_states(env, flow_run_id(again.stdout))
         assert len(states) == 11 and set(states.values()) == {"Cached"}, states
-        assert len(flow_runs(env, "gemstill-stage")) == 1  # a cached stage is not sent to its pool again
+        assert len(flow_runs(env, "gemstill-stage")) == len(remotes)  # a cached stage is not sent to its pool again
         # a run parameter naming a pipeline outside the worker's configured directories is refused in one line
         (tmp_path / "evil.yaml").write_text('name: evil\nstages:\n  run: {task: "os:system"}\n')
         refused = prefect(
