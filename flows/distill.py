@@ -52,14 +52,20 @@ def _stage_task(plan: Plan, name: str, forced: set[str], on_pool: bool, group: b
     )
 
 
+def _was_cached(future: PrefectConcurrentFuture) -> bool:
+    """A Cached task run, or a completed one whose stage was committed before it reached it (another process's
+    or run's commit)."""
+    state = future.state
+    return state.name == "Cached" or (state.is_completed() and bool(future.result().get("reused")))
+
+
 def _outcome(future: PrefectConcurrentFuture) -> str:
     """The one line a finished stage gets: cached, ran in N s, or how it ended."""
     state = future.state
-    if state.name == "Cached":
+    if _was_cached(future):
         return "cached"
     if state.is_completed():
-        result = future.result()
-        return "cached" if result.get("reused") else f"ran in {result['seconds']:.1f} s"
+        return f"ran in {future.result()['seconds']:.1f} s"
     message = " ".join(str(state.message or "").split())[:200]
     return f"{state.name.lower()}: {message}" if message else state.name.lower()
 
@@ -122,7 +128,7 @@ def distill(
         results: dict[str, dict[str, Any]] = {}
         for name, future in futures.items():
             result = future.result()  # raises the first failure, naming its stage
-            results[name] = {**result, "cached": future.state.name == "Cached" or bool(result.get("reused"))}
+            results[name] = {**result, "cached": _was_cached(future)}
     create_table_artifact(
         key=artifact_key(f"{plan.profile.name}-pipeline"),
         table=[{"stage": k, "key": v["key"], "cached": v["cached"]} for k, v in results.items()],
