@@ -80,12 +80,22 @@ def message(signum: int) -> str:
     return _message[-1](signum)
 
 
+def print_error(text: str) -> None:
+    """Print `error: TEXT` as a line of its own: a progress bar left open (tqdm redraws its line with a carriage
+    return, never ending it) would otherwise have the message glued to its end."""
+    from tqdm import tqdm
+
+    open_bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not getattr(bar, "disable", False)]
+    fresh_line = "\n" if open_bars else ""
+    print(f"{fresh_line}error: {text}", file=sys.stderr, flush=True)
+
+
 def exit_now(signum: int) -> None:
     """Run the cleanups, print the command's one-line message and leave with 128 + signum, whatever threads are
     still at work (their partial work is what a rerun resumes from; nothing of theirs is committed)."""
     run_cleanups()
     sys.stdout.flush()
-    print(f"error: {message(signum)}", file=sys.stderr, flush=True)
+    print_error(message(signum))
     os._exit(128 + signum)
 
 

@@ -129,3 +129,15 @@ def test_ctrl_c_inside_a_jitted_training_step_keeps_the_checkpoint_and_resumes(t
     log = Path(rerun.stdout.split("; log ")[1].split()[0]).read_text()
     assert "resuming from step" in log
     assert len(list(store.glob("pretrain_teacher/*/manifest.json"))) == 2
+
+
+def test_the_error_line_starts_a_line_of_its_own_after_an_open_progress_bar(capsys):
+    """A bar redraws its line with a carriage return and never ends it: the message must not be glued to it."""
+    from tqdm import tqdm
+
+    from gemstill.interrupt import print_error
+
+    with tqdm(total=3, desc="train") as bar:
+        bar.update(1)
+        print_error("interrupted (SIGINT)")
+    assert "error: interrupted (SIGINT)" in capsys.readouterr().err.splitlines()

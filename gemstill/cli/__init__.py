@@ -52,16 +52,16 @@ def main() -> None:
             sys.exit(2)
         except click.UsageError as usage:  # a bad option: one line naming it, as every other error
             command = usage.ctx.command_path if usage.ctx is not None else "gemstill"
-            print(f"error: {usage.format_message().rstrip('.')}; see {command} --help", file=sys.stderr)
+            interrupt.print_error(f"{usage.format_message().rstrip('.')}; see {command} --help")
             sys.exit(1)
         except click.ClickException as failure:
-            print(f"error: {failure.format_message()}", file=sys.stderr)
+            interrupt.print_error(failure.format_message())
             sys.exit(failure.exit_code)
         except typer.Abort:
             interrupt.exit_now(signal.SIGINT)
         except GemstillError as error:
             # plain text: a message is data, never markup (`[student, teacher]` and `[/` print as written)
-            print("error: " + " ".join(str(error).split()), file=sys.stderr)
+            interrupt.print_error(" ".join(str(error).split()))
             sys.exit(1)
         except (interrupt.Interrupted, KeyboardInterrupt) as stop:
             interrupt.exit_now(getattr(stop, "signum", signal.SIGINT))
