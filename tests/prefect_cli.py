@@ -119,16 +119,17 @@ with get_client(sync_client=True) as client:
             "id": str(r.id), "state": r.state.name, "run_count": r.run_count, "work_pool": r.work_pool_name,
             "job_variables": r.job_variables, "parameters": r.parameters,
             "parent_task_run": str(r.parent_task_run_id) if r.parent_task_run_id else None,
-            "history": [s.name for s in sorted(client.read_flow_run_states(r.id), key=lambda s: s.timestamp)],
+            "history": [s.name for s in states], "crashes": [s.message for s in states if s.name == "Crashed"],
         }
         for r in runs
+        for states in [sorted(client.read_flow_run_states(r.id), key=lambda s: s.timestamp)]
     ]))
 """
 
 
 def flow_runs(env: dict[str, str], flow: str) -> list[dict]:
     """Every flow run of the flow named `flow`: state, run count, pool, job variables, parameters, parent task
-    run and the names of its states in order, read from the server's API."""
+    run, the names of its states in order and the messages of its Crashed states, read from the server's API."""
     import json
 
     result = subprocess.run(

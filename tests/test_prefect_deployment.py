@@ -138,6 +138,7 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
         assert len(reports) >= 2 and all("data:image/png;base64," in r for r in reports), [r[:300] for r in reports]
         assert not any(re.search(r"\]\((?!data:)[^)]*\.png\)", r) for r in reports)
         assert ended["history"].index("Crashed") < ended["history"].index("AwaitingRetry"), ended["history"]
+        assert "SIGKILL" in ended["crashes"][0], ended["crashes"]  # the worker saw the process killed, and said so
         assert {s: _manifest(store, s)["finished_at"] for s in before} == before  # the retry reused them
         spans = {s: (_manifest(store, s)["started_at"], _manifest(store, s)["finished_at"]) for s in STAGES}
         train = [spans["train_student"], spans["train_baseline"]]
@@ -174,5 +175,4 @@ def test_deployment_runs_retry_crashes_use_work_pools_and_come_back_cached(prefe
         assert evil["state"] == "Failed" and evil["run_count"] == 1, evil  # bad input is not retried
     worker_log = (tmp_path / "worker.log").read_text()
     assert "evil.yaml is outside the configured directories" in worker_log, worker_log[-3000:]
-    assert "exited due to a SIGKILL" in worker_log or "-9" in worker_log, worker_log[-3000:]
     assert sorted(p.parent.parent.name for p in store.glob("*/*/manifest.json")) == STAGES
