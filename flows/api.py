@@ -35,6 +35,7 @@ def prefect_api() -> Iterator[None]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
+    set_api_log_sink(None)  # records go to this server (an earlier one in this process dropped them as it stopped)
 
     def stop(interrupted: bool = False) -> None:
         # the log records and events still queued reach the server before it stops (briefly, when interrupted);
