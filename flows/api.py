@@ -10,6 +10,7 @@ child inherits the mask), it ignores the terminal's Ctrl-C; gemstill stops it wh
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,7 @@ def prefect_api() -> Iterator[None]:
         # records logged from now on (a stage thread still at work) are dropped: sent to the stopped server they
         # fail, and Prefect writes "--- Error logging to API ---" onto the terminal, ahead of the command's error
         set_api_log_sink(lambda record: None)
+        logging.raiseExceptions = False  # a batch already in flight fails too: Prefect prints that only if this is on
         _drain(seconds=0.5 if interrupted else 2.0)
         deadline = time.monotonic() + 2.0  # interrupted as start-up began: the server process is about to exist
         while interrupted and server.server_process is None and starting.is_alive() and time.monotonic() < deadline:

@@ -80,14 +80,14 @@ def message(signum: int) -> str:
     return _message[-1](signum)
 
 
-def print_error(text: str) -> None:
+def print_error(text: str, fresh_line: bool = False) -> None:
     """Print `error: TEXT` as a line of its own: a progress bar left open (tqdm redraws its line with a carriage
-    return, never ending it) would otherwise have the message glued to its end."""
+    return, never ending it), or `fresh_line`, starts it on a new line so it is never glued to what came before."""
     from tqdm import tqdm
 
     open_bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if not getattr(bar, "disable", False)]
-    fresh_line = "\n" if open_bars else ""
-    print(f"{fresh_line}error: {text}", file=sys.stderr, flush=True)
+    newline = "\n" if fresh_line or open_bars else ""
+    print(f"{newline}error: {text}", file=sys.stderr, flush=True)
 
 
 def exit_now(signum: int) -> None:
@@ -95,7 +95,9 @@ def exit_now(signum: int) -> None:
     still at work (their partial work is what a rerun resumes from; nothing of theirs is committed)."""
     run_cleanups()
     sys.stdout.flush()
-    print_error(message(signum))
+    # on a line of its own: after the terminal's "^C", and after whatever another thread or a child sharing the
+    # terminal (Prefect's server, also signalled by a SIGTERM to the group) wrote without ending its line
+    print_error(message(signum), fresh_line=True)
     os._exit(128 + signum)
 
 
