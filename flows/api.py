@@ -32,18 +32,16 @@ def prefect_api() -> Iterator[None]:
         yield
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from a temporary API
-    from prefect.logging.handlers import set_api_log_sink
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients use when no API URL is set
-    set_api_log_sink(None)  # records go to this server (an earlier one in this process dropped them as it stopped)
+    _send_logs_to_api(True)  # an earlier temporary server in this process turned them off as it stopped
 
     def stop(interrupted: bool = False) -> None:
         # the log records and events still queued reach the server before it stops (briefly, when interrupted);
         # records logged from now on (a stage thread still at work) are dropped: sent to the stopped server they
         # fail, and Prefect writes "--- Error logging to API ---" onto the terminal, ahead of the command's error
-        set_api_log_sink(lambda record: None)
-        logging.raiseExceptions = False  # a batch already in flight fails too: Prefect prints that only if this is on
+        _send_logs_to_api(False)
         _drain(seconds=0.5 if interrupted else 2.0)
         deadline = time.monotonic() + 2.0  # interrupted as start-up began: the server process is about to exist
         while interrupted and server.server_process is None and starting.is_alive() and time.monotonic() < deadline:
@@ -83,6 +81,15 @@ def prefect_api() -> Iterator[None]:
     finally:
         forget()
         stop()
+
+
+def _send_logs_to_api(enabled: bool) -> None:
+    """Off: log records are dropped instead of sent, and a batch already in flight fails silently (Prefect prints
+    "--- Error logging to API ---" only while logging.raiseExceptions is on); for a server about to stop."""
+    from prefect.logging.handlers import set_api_log_sink
+
+    set_api_log_sink(None if enabled else lambda record: None)
+    logging.raiseExceptions = enabled
 
 
 def _drain(seconds: float) -> None:
